@@ -1,0 +1,10 @@
+"""ttc: test-time compute reasoning. Load a model, compose proposer / verifier / selector nodes, spend a budget."""
+
+from ttc.api import Model, load
+from ttc.budget import Budget, BudgetExceeded, Ledger
+from ttc.decoder import (Completion, ModelNotFoundError, PoolExhausted, PromptTooLong, SamplingParams,
+                         UnsupportedModelError)
+
+__all__ = ["load", "Model", "Budget", "BudgetExceeded", "Ledger", "Completion", "SamplingParams",
+           "ModelNotFoundError", "PoolExhausted", "PromptTooLong", "UnsupportedModelError"]
+__version__ = "0.1.0"

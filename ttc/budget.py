@@ -1,0 +1,105 @@
+"""Compute accounting: the Ledger every node charges, and the Budget a strategy checks.
+
+Honest accounting means: every token a forward pass computes is counted once, as prompt
+(`prefill_tokens`), sampled (`generated_tokens`) or verifier work (`verifier_tokens`); every token
+whose KV was served from a shared block is counted in `reused_tokens` (work not redone, but visible).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["Ledger", "Budget", "BudgetExceeded"]
+
+
+@dataclass
+class Ledger:
+    """Counts of work done. Mutable and additive: `a + b`, `a += b`, `Ledger.sum(records)`."""
+
+    prefill_tokens: int = 0  # prompt / appended-text tokens whose KV was computed
+    reused_tokens: int = 0  # tokens whose KV came from shared blocks or the prefix cache
+    generated_tokens: int = 0  # tokens sampled by the model
+    verifier_tokens: int = 0  # tokens computed on behalf of a verifier (scoring, judging)
+    forward_passes: int = 0  # batched model forwards (one step of many branches is one pass)
+    flops: float = 0.0  # estimated: 2 * params per computed token + attention over the context
+    peak_kv_bytes: int = 0  # largest live KV footprint seen while this ledger was charged
+    wall_s: float = 0.0
+
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens a forward pass actually ran on (everything but reused)."""
+        return self.prefill_tokens + self.generated_tokens + self.verifier_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        """The unit budgets are expressed in: computed tokens (reused KV is not recomputed)."""
+        return self.computed_tokens
+
+    def observe_kv(self, live_bytes: int) -> None:
+        if live_bytes > self.peak_kv_bytes:
+            self.peak_kv_bytes = live_bytes
+
+    def __add__(self, other: "Ledger") -> "Ledger":
+        out = dataclasses.replace(self)
+        out += other
+        return out
+
+    def __iadd__(self, other: "Ledger") -> "Ledger":
+        for f in dataclasses.fields(self):
+            if f.name == "peak_kv_bytes":
+                self.peak_kv_bytes = max(self.peak_kv_bytes, other.peak_kv_bytes)
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def sum(cls, ledgers) -> "Ledger":
+        out = cls()
+        for ledger in ledgers:
+            out += ledger
+        return out
+
+
+class BudgetExceeded(RuntimeError):
+    """Raised when work is requested that the budget cannot pay for."""
+
+
+@dataclass
+class Budget:
+    """Limits in any ledger unit; None means unlimited. `tokens` limits computed tokens.
+
+    A strategy asks `can_afford(ledger, tokens=k)` before each expansion and stops when it cannot.
+    """
+
+    tokens: int | None = None
+    flops: float | None = None
+    forward_passes: int | None = None
+    wall_s: float | None = None
+    started: float = field(default_factory=time.perf_counter, repr=False, compare=False)
+
+    def remaining_tokens(self, ledger: Ledger) -> float:
+        if self.tokens is None:
+            return float("inf")
+        return self.tokens - ledger.total_tokens
+
+    def can_afford(self, ledger: Ledger, tokens: int = 0, flops: float = 0.0, forward_passes: int = 0) -> bool:
+        if self.tokens is not None and ledger.total_tokens + tokens > self.tokens:
+            return False
+        if self.flops is not None and ledger.flops + flops > self.flops:
+            return False
+        if self.forward_passes is not None and ledger.forward_passes + forward_passes > self.forward_passes:
+            return False
+        if self.wall_s is not None and time.perf_counter() - self.started > self.wall_s:
+            return False
+        return True
+
+    def check(self, ledger: Ledger, tokens: int = 0) -> None:
+        if not self.can_afford(ledger, tokens=tokens):
+            raise BudgetExceeded(
+                f"budget exhausted: {ledger.total_tokens} tokens spent of {self.tokens}, {tokens} more requested"
+            )

@@ -1,0 +1,292 @@
+"""The engine: sequences whose computed KV catches up with their tokens, one batched forward per step.
+
+A `Sequence` is one branch: its token ids, its KV handle, its random stream and the logits for its
+next token. There are no prefill/decode phases, only a count of computed tokens catching up with
+the total (as in vLLM v1): `forward` computes every pending token of every given sequence in one
+model call, `generate` alternates sampling and forwarding, `fork` shares KV, `score` runs given
+tokens without sampling (for verifiers), `release` returns blocks. Every computed and every reused
+token is charged to the sequence's Ledger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ttc.budget import Ledger
+from ttc.kernels import PrefillSeq, plan_decode
+
+from . import cache
+from .cache import KVPool, KVSequence, PoolExhausted, blocks_needed
+from .model import Transformer
+from .prefix import PrefixCache
+from .sampling import BranchRng, SamplingParams, child_seed, sample
+from .tokenizer import Tokenizer
+
+
+class PromptTooLong(ValueError):
+    """A prompt that leaves no room in the model's context window."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: tuple[int, ...]  # the new tokens, stop string included
+    text: str  # their text, cut before the stop string that ended it
+    logprobs: tuple[float, ...]  # each new token's logprob under the model (temperature 1)
+    finish_reason: str  # "stop", "eos" or "length"
+    stop: str | None = None  # the stop string that matched
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    logprobs: torch.Tensor  # (n,) logprob of each given token
+    last_logprobs: torch.Tensor  # (V,) distribution after the last given token
+    hidden: torch.Tensor | None  # (n, H) final-norm hidden state at each given token
+
+
+@dataclass(eq=False)
+class Sequence:
+    token_ids: list[int]
+    kv: KVSequence
+    rng: BranchRng
+    ledger: Ledger
+    logits: torch.Tensor | None = None  # (V,) next-token logits once every token is computed
+    uncharged: dict[str, int] = field(default_factory=dict)  # pending given tokens, by ledger field
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.kv.num_tokens
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, kv_cache_bytes: int = 2 << 30,
+                 block_size: int = 16, prefix_caching: bool = True):
+        cfg = model.cfg
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        per_block = cfg.kv_bytes_per_token(model.dtype) * block_size
+        num_blocks = max(4, kv_cache_bytes // per_block)
+        self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, block_size, model.dtype)
+        self.prefix = PrefixCache(self.pool) if prefix_caching else None
+        self.eos_ids = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
+        self._params_flops = cfg.params_per_token_flops()
+
+    # ---------------------------------------------------------------------------------------------
+    # sequences
+
+    def new_sequence(self, token_ids, ledger: Ledger | None = None, seed: int = 0, charge: str = "prefill_tokens"):
+        """A sequence holding token_ids, with the longest cached prefix reused and the rest pending."""
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise ValueError("a sequence needs at least one token")
+        if len(token_ids) >= self.cfg.max_position:
+            raise PromptTooLong(
+                f"prompt of {len(token_ids)} tokens leaves no room in the model's context of "
+                f"{self.cfg.max_position} tokens; shorten it to at most {self.cfg.max_position - 1}")
+        ledger = ledger if ledger is not None else Ledger()
+        seq = Sequence(token_ids, KVSequence(), BranchRng(seed), ledger)
+        if self.prefix is not None:
+            # keep at least one token to compute: its logits are the first sample's distribution
+            blocks = self.prefix.match(token_ids, max_tokens=len(token_ids) - 1)
+            self.pool.incref(blocks)
+            seq.kv.blocks, seq.kv.num_tokens = blocks, len(blocks) * self.pool.block_size
+            ledger.reused_tokens += seq.kv.num_tokens
+        seq.uncharged[charge] = seq.num_pending
+        return seq
+
+    def extend(self, seq: Sequence, token_ids, charge: str = "prefill_tokens") -> None:
+        """Append given tokens (computed by the next forward, charged to `charge`)."""
+        if len(seq.token_ids) + len(token_ids) >= self.cfg.max_position:
+            raise PromptTooLong(f"extending to {len(seq.token_ids) + len(token_ids)} tokens exceeds the context "
+                                f"of {self.cfg.max_position}")
+        seq.token_ids.extend(token_ids)
+        seq.uncharged[charge] = seq.uncharged.get(charge, 0) + len(token_ids)
+        seq.logits = None
+
+    def fork(self, seq: Sequence, n: int, seeds: list[int] | None = None, ledger: Ledger | None = None):
+        """n children sharing seq's KV; each child has its own random stream from its first token on."""
+        if seq.num_pending:
+            self.forward([seq])
+        seeds = seeds if seeds is not None else [child_seed(seq.rng.seed, i) for i in range(n)]
+        children = []
+        try:
+            for s in seeds:
+                kv = self._with_eviction(lambda: cache.fork(self.pool, seq.kv))
+                child = Sequence(list(seq.token_ids), kv, BranchRng(s), ledger if ledger is not None else seq.ledger,
+                                 logits=seq.logits)
+                child.ledger.reused_tokens += kv.num_tokens
+                children.append(child)
+        except PoolExhausted:
+            self.release(children)
+            raise
+        return children
+
+    def release(self, seqs) -> None:
+        for s in seqs:
+            cache.release(self.pool, s.kv)
+            s.logits = None
+
+    def clear_prefix_cache(self) -> None:
+        if self.prefix is not None:
+            self.prefix.clear()
+
+    def free_blocks(self) -> int:
+        """Blocks available to new work: free now, or held only by the prefix cache."""
+        return self.pool.num_free + (self.prefix.evictable_blocks() if self.prefix is not None else 0)
+
+    def _with_eviction(self, allocate):
+        try:
+            return allocate()
+        except PoolExhausted as e:
+            if self.prefix is None or self.prefix.evict(e.needed_blocks - e.free_blocks) == 0:
+                raise
+            return allocate()
+
+    # ---------------------------------------------------------------------------------------------
+    # forward
+
+    def forward(self, seqs: list[Sequence], all_logits: bool = False, hidden: bool = False,
+                cache_prefix: bool = True):
+        """Compute every pending token of seqs in one model call.
+
+        Sets each seq's next-token logits. With all_logits/hidden, returns per seq the logits (n, V)
+        and hidden states (n, H) of its pending tokens (n = its pending count), else None.
+        Prompt-like forwards (several tokens) enter the prefix cache unless cache_prefix is False.
+        """
+        seqs = [s for s in seqs if s.num_pending or all_logits or hidden]
+        if not seqs:
+            return None
+        bs = self.pool.block_size
+        for s in seqs:
+            if s.num_pending == 0:
+                raise ValueError("all_logits/hidden need pending tokens on every sequence")
+            self._with_eviction(lambda s=s: cache.reserve(self.pool, s.kv, s.num_pending))
+        counts = [s.num_pending for s in seqs]
+        tokens, positions, slots = [], [], []
+        for s, n in zip(seqs, counts):
+            start = s.kv.num_tokens
+            tokens.extend(s.token_ids[start:])
+            positions.extend(range(start, start + n))
+            slots.extend(s.kv.slots(start, start + n, bs))
+        decode = all(n == 1 for n in counts)
+        if decode:
+            attn = plan_decode([s.kv.blocks for s in seqs], [s.kv.num_tokens + 1 for s in seqs], bs)
+        else:
+            attn, row = [], 0
+            for s, n in zip(seqs, counts):
+                attn.append(PrefillSeq(row, row + n, torch.tensor(s.kv.slots(0, s.kv.num_tokens + n, bs))))
+                row += n
+        ends = torch.tensor(counts).cumsum(0) - 1
+        # logits rows: one per sequence (its last token), or every token when all_logits is asked
+        rows = None if (decode or all_logits) else ends
+        logits, h = self.model(torch.tensor(tokens), torch.tensor(positions), self.pool.k, self.pool.v,
+                               torch.tensor(slots), attn, logits_rows=rows, return_hidden=hidden)
+        outputs = [] if (all_logits or hidden) else None
+        row = 0
+        for i, (s, n) in enumerate(zip(seqs, counts)):
+            s.kv.num_tokens += n
+            s.logits = logits[row + n - 1] if all_logits else logits[i]
+            if outputs is not None:
+                outputs.append((logits[row:row + n] if all_logits else None, h[row:row + n] if hidden else None))
+            self._charge(s, n)
+            row += n
+        for ledger in {id(s.ledger): s.ledger for s in seqs}.values():
+            ledger.forward_passes += 1
+            ledger.observe_kv(self.pool.live_bytes)
+        if cache_prefix and not decode and self.prefix is not None:
+            for s in seqs:
+                self.prefix.insert(s.token_ids[: s.kv.num_tokens], s.kv.blocks)
+        return outputs
+
+    def _charge(self, s: Sequence, n: int) -> None:
+        start = s.kv.num_tokens - n
+        # attention over context start+1 .. start+n: sum of an arithmetic series
+        context = n * start + n * (n + 1) // 2
+        s.ledger.flops += n * self._params_flops + self.cfg.attention_flops(1) * context
+        for name, count in s.uncharged.items():
+            setattr(s.ledger, name, getattr(s.ledger, name) + count)
+        s.uncharged.clear()  # sampled tokens were charged as generated when they were drawn
+
+    # ---------------------------------------------------------------------------------------------
+    # generation and scoring
+
+    def check_capacity(self, seqs: list[Sequence], max_new_tokens: int) -> None:
+        """Raise PoolExhausted before starting if the worst case cannot fit."""
+        bs = self.pool.block_size
+        need = sum(max(0, blocks_needed(min(len(s.token_ids) + max_new_tokens, self.cfg.max_position), bs)
+                       - len(s.kv.blocks)) for s in seqs)
+        free = self.free_blocks()
+        if need > free:
+            raise PoolExhausted(need, free, self.pool.num_blocks, bs)
+
+    def generate(self, seqs: list[Sequence], params: SamplingParams | list[SamplingParams], max_new_tokens: int,
+                 stop: list[str] | tuple[str, ...] | None = None, ignore_eos: bool = False) -> list[Completion]:
+        """Advance every sequence until its own stop string, EOS or token limit; one forward per step."""
+        params = params if isinstance(params, list) else [params] * len(seqs)
+        stop = [s for s in (stop or []) if s]
+        tail_tokens = max((len(s) for s in stop), default=0) + 2  # a stop of m chars spans <= m tokens
+        self.check_capacity(seqs, max_new_tokens)
+        new = [[] for _ in seqs]
+        lps = [[] for _ in seqs]
+        finish: list[tuple[str, str | None]] = [("length", None)] * len(seqs)
+        active = list(range(len(seqs)))
+        while active:
+            batch = [seqs[i] for i in active]
+            self.forward([s for s in batch if s.logits is None])
+            logits = torch.stack([s.logits for s in batch])
+            batch_params = [params[i] for i in active]
+            uniforms = [s.rng.uniform() if p.temperature > 0 else 0.0 for s, p in zip(batch, batch_params)]
+            tokens, logprobs = sample(logits, batch_params, uniforms)
+            still = []
+            for i, s, t, lp in zip(active, batch, tokens.tolist(), logprobs.tolist()):
+                s.token_ids.append(t)
+                s.logits = None
+                s.ledger.generated_tokens += 1
+                new[i].append(t)
+                lps[i].append(lp)
+                if not ignore_eos and t in self.eos_ids:
+                    finish[i] = ("eos", None)
+                    continue
+                if stop:
+                    tail = self.tokenizer.decode(new[i][-tail_tokens:])
+                    hit = next((x for x in stop if x in tail), None)
+                    if hit is not None:
+                        finish[i] = ("stop", hit)
+                        continue
+                if len(new[i]) >= max_new_tokens or len(s.token_ids) >= self.cfg.max_position:
+                    continue
+                still.append(i)
+            active = still
+        out = []
+        for ids, lp, (reason, hit) in zip(new, lps, finish):
+            text = self.tokenizer.decode(ids[:-1] if reason == "eos" else ids)  # the EOS token is not text
+            if hit is not None:
+                text = text[: text.find(hit)]
+            out.append(Completion(tuple(ids), text, tuple(lp), reason, hit))
+        return out
+
+    def score(self, items: list[tuple[Sequence, list[int]]], hidden: bool = False,
+              charge: str = "verifier_tokens", ledger: Ledger | None = None) -> list[ScoreResult]:
+        """Logprobs (and hidden states) of given continuations, without sampling or changing the branches.
+
+        Each continuation runs on a temporary fork of its branch, so the branch's prefix is not
+        recomputed: only the continuation's tokens are charged (to `charge`), then the fork is released.
+        """
+        forks = []
+        try:
+            for seq, ids in items:
+                if not ids:
+                    raise ValueError("score needs at least one continuation token")
+                (child,) = self.fork(seq, 1, seeds=[0], ledger=ledger)  # the prefix counts as reused
+                forks.append(child)
+                self.extend(child, ids, charge=charge)
+            outputs = self.forward(forks, all_logits=True, hidden=hidden, cache_prefix=False)
+            results = []
+            for (seq, ids), child, (logits, h) in zip(items, forks, outputs):
+                # logits row j predicts token j+1; the first given token is predicted by the branch's logits
+                prev = torch.cat([seq.logits[None], logits[:-1]])  # fork() computed seq's pending tokens
+                logprobs = torch.log_softmax(prev, -1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+                results.append(ScoreResult(logprobs, torch.log_softmax(logits[-1], -1), h))
+            return results
+        finally:
+            self.release(forks)

