@@ -1,0 +1,108 @@
+"""Cascade (shared-prefix) decode attention equals plain per-branch attention, on random inputs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ttc.kernels import decode_attention, decode_attention_naive, merge_states, plan_decode, prefill_attention
+from ttc.kernels.attention import PrefillSeq
+
+
+def _random_pool(num_blocks, block_size, hkv, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(num_blocks * block_size, hkv, d, generator=g).to(dtype)
+    v = torch.randn(num_blocks * block_size, hkv, d, generator=g).to(dtype)
+    return k, v
+
+
+def _tree_tables(rng, block_size, n_rows, next_block):
+    """Block tables of a random tree: rows share random-length prefixes of a common trunk."""
+    trunk = [next_block() for _ in range(rng.randint(0, 4))]
+    tables, lengths = [], []
+    subtrees = {}
+    for _ in range(n_rows):
+        k = rng.randint(0, len(trunk))
+        mid_key = rng.randint(0, 2)
+        mid = subtrees.setdefault((k, mid_key), [next_block() for _ in range(rng.randint(0, 2))])
+        own = [next_block() for _ in range(rng.randint(1, 3))]
+        table = trunk[:k] + mid + own
+        # the last block is the row's own and may be partial; shared ones are full
+        lengths.append((len(table) - 1) * block_size + rng.randint(1, block_size))
+        tables.append(table)
+    return tables, lengths
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 1)])
+def test_cascade_attention_equals_per_branch_attention_on_random_trees(seed, hq, hkv):
+    rng = random.Random(seed)
+    block_size, d = rng.choice([4, 16]), 16
+    counter = iter(range(10_000))
+    tables, lengths = _tree_tables(rng, block_size, rng.randint(1, 9), lambda: next(counter))
+    k, v = _random_pool(next(counter) + 1, block_size, hkv, d, seed=seed)
+    q = torch.randn(len(tables), hq, d, generator=torch.Generator().manual_seed(seed + 100))
+    plan = plan_decode(tables, lengths, block_size, min_shared_tokens=1)
+    fast = decode_attention(q, k, v, plan, scale=d ** -0.5)
+    slow = decode_attention_naive(q, k, v, plan, scale=d ** -0.5)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_groups_a_shared_prompt_into_one_segment_for_all_rows():
+    tables = [[0, 1, 2, 10 + i] for i in range(16)]
+    plan = plan_decode(tables, [16 * 3 + 5] * 16, block_size=16)
+    assert len(plan.segments) == 1 and plan.segments[0].rows is None
+    assert plan.segments[0].slots.numel() == 48
+    assert plan.private_slots.shape == (16, 5)  # each row gathers only its own five tokens
+
+
+def test_plan_caps_segments_and_folds_the_rest_into_private_slots():
+    tables = [[2 * i, 2 * i + 1, 100 + r] for i in range(12) for r in range(2)]
+    lengths = [2 * 4 + 1] * len(tables)
+    plan = plan_decode(tables, lengths, block_size=4, max_segments=3, min_shared_tokens=1)
+    assert len(plan.segments) == 3
+    k, v = _random_pool(200, 4, 2, 8)
+    q = torch.randn(len(tables), 4, 8)
+    torch.testing.assert_close(decode_attention(q, k, v, plan, 0.3), decode_attention_naive(q, k, v, plan, 0.3))
+
+
+def test_merging_two_partial_softmax_states_equals_one_softmax_over_both():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 8, generator=g), torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)
+    s = q @ k.T
+    full = torch.softmax(s, -1) @ v
+    parts = []
+    for sl in (slice(0, 4), slice(4, 10)):
+        lse = torch.logsumexp(s[:, sl], -1)
+        parts.append((torch.softmax(s[:, sl], -1) @ v[sl], lse))
+    merged, lse = merge_states(*parts[0], *parts[1])
+    torch.testing.assert_close(merged, full)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+
+
+def test_prefill_attention_is_causal_with_a_cached_prefix():
+    k, v = _random_pool(4, 4, 2, 8)
+    q = torch.randn(5, 4, 8)
+    slots = torch.arange(9)  # 4 cached tokens, then 5 new ones
+    out = prefill_attention(q, k, v, [PrefillSeq(0, 5, slots)], scale=0.35)
+    for i in range(5):
+        ctx = slots[: 4 + i + 1]
+        kk, vv = k[ctx].repeat_interleave(2, 1), v[ctx].repeat_interleave(2, 1)  # (T, Hq, D)
+        w = torch.softmax(torch.einsum("hd,thd->ht", q[i], kk) * 0.35, -1)
+        torch.testing.assert_close(out[i], torch.einsum("ht,thd->hd", w, vv), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_cascade_stays_within_twice_the_naive_bfloat16_error():
+    """The STYLE tolerance rule: low-precision error at most about twice PyTorch's own."""
+    tables = [[0, 1, 2, 3 + i] for i in range(8)]
+    lengths = [3 * 16 + 7] * 8
+    k32, v32 = _random_pool(16, 16, 3, 64)
+    q32 = torch.randn(8, 9, 64)
+    plan = plan_decode(tables, lengths, 16)
+    exact = decode_attention_naive(q32.double(), k32.double(), v32.double(), plan, 0.125).float()
+    k, v, q = k32.bfloat16(), v32.bfloat16(), q32.bfloat16()
+    err_fast = (decode_attention(q, k, v, plan, 0.125).float() - exact).abs().max()
+    err_ref = (decode_attention_naive(q, k, v, plan, 0.125).float() - exact).abs().max()
+    assert err_fast <= 2 * err_ref + 1e-3
