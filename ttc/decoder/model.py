@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ttc import kernels
 from ttc.kernels import DecodePlan, PrefillSeq
+from ttc.kernels.linear import Linear
 
 from .config import ModelConfig, rope_inv_freq
 
@@ -26,20 +27,19 @@ class Transformer(torch.nn.Module):
             return state[name].to(dtype).contiguous()
 
         self.embed = w("embed")  # (V, H)
-        # tied embeddings share storage with the head; no second copy is made
-        self.lm_head = self.embed if state["lm_head"] is state["embed"] else w("lm_head")
+        # tied embeddings share the plain weight; a packed head (if any) is the only extra copy
+        self.lm_head = Linear(self.embed if state["lm_head"] is state["embed"] else w("lm_head"))
         self.norm = state["norm"].float()
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             self.layers.append({
                 "attn_norm": state[p + "attn_norm"].float(),  # norms stay float32: they are tiny
-                "qkv": w(p + "qkv"),  # (Hq*D + 2*Hkv*D, H)
-                "qkv_bias": w(p + "qkv_bias") if p + "qkv_bias" in state else None,
-                "o": w(p + "o"),  # (H, Hq*D)
+                "qkv": Linear(w(p + "qkv"), w(p + "qkv_bias") if p + "qkv_bias" in state else None),  # H -> (Hq+2Hkv)*D
+                "o": Linear(w(p + "o")),  # Hq*D -> H
                 "mlp_norm": state[p + "mlp_norm"].float(),
-                "gate_up": w(p + "gate_up"),  # (2*I, H)
-                "down": w(p + "down"),  # (H, I)
+                "gate_up": Linear(w(p + "gate_up")),  # H -> 2*I
+                "down": Linear(w(p + "down")),  # I -> H
             })
         # (max_position, D/2) tables; float64 angles, float32 storage
         inv = rope_inv_freq(cfg)
@@ -64,7 +64,7 @@ class Transformer(torch.nn.Module):
         x = self.embed[tokens]  # (T, H)
         h = kernels.rms_norm(x, self.layers[0]["attn_norm"], cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])  # (T, (Hq + 2Hkv) * D)
+            qkv = layer["qkv"](h)  # (T, (Hq + 2Hkv) * D)
             qk = kernels.apply_rotary(qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin)
             q, k = qk[:, :Hq], qk[:, Hq:]
             v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
@@ -74,12 +74,12 @@ class Transformer(torch.nn.Module):
                 a = kernels.decode_attention(q, k_cache[i], v_cache[i], attn, self.scale)
             else:
                 a = kernels.prefill_attention(q.contiguous(), k_cache[i], v_cache[i], attn, self.scale)
-            x = x + F.linear(a.reshape(T, Hq * D), layer["o"])
+            x = x + layer["o"](a.reshape(T, Hq * D))
             h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
             next_norm = self.layers[i + 1]["attn_norm"] if i + 1 < len(self.layers) else self.norm
             h = kernels.rms_norm(x, next_norm, cfg.rms_norm_eps)
         rows = h if logits_rows is None else h[logits_rows]
-        logits = F.linear(rows, self.lm_head).float()
+        logits = self.lm_head(rows).float()
         return logits, (h if return_hidden else None)
