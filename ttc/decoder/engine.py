@@ -210,26 +210,28 @@ class Engine:
     # ---------------------------------------------------------------------------------------------
     # generation and scoring
 
-    def check_capacity(self, seqs: list[Sequence], max_new_tokens: int) -> None:
+    def check_capacity(self, seqs: list[Sequence], max_new_tokens: list[int]) -> None:
         """Raise PoolExhausted before starting if the worst case cannot fit."""
         bs = self.pool.block_size
-        need = sum(max(0, blocks_needed(min(len(s.token_ids) + max_new_tokens, self.cfg.max_position), bs)
-                       - len(s.kv.blocks)) for s in seqs)
+        need = sum(max(0, blocks_needed(min(len(s.token_ids) + m, self.cfg.max_position), bs) - len(s.kv.blocks))
+                   for s, m in zip(seqs, max_new_tokens))
         free = self.free_blocks()
         if need > free:
             raise PoolExhausted(need, free, self.pool.num_blocks, bs)
 
-    def generate(self, seqs: list[Sequence], params: SamplingParams | list[SamplingParams], max_new_tokens: int,
-                 stop: list[str] | tuple[str, ...] | None = None, ignore_eos: bool = False) -> list[Completion]:
+    def generate(self, seqs: list[Sequence], params: SamplingParams | list[SamplingParams],
+                 max_new_tokens: int | list[int], stop: list[str] | tuple[str, ...] | None = None,
+                 ignore_eos: bool = False) -> list[Completion]:
         """Advance every sequence until its own stop string, EOS or token limit; one forward per step."""
         params = params if isinstance(params, list) else [params] * len(seqs)
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(seqs)
         stop = [s for s in (stop or []) if s]
         tail_tokens = max((len(s) for s in stop), default=0) + 2  # a stop of m chars spans <= m tokens
-        self.check_capacity(seqs, max_new_tokens)
+        self.check_capacity(seqs, limits)
         new = [[] for _ in seqs]
         lps = [[] for _ in seqs]
         finish: list[tuple[str, str | None]] = [("length", None)] * len(seqs)
-        active = list(range(len(seqs)))
+        active = [i for i in range(len(seqs)) if limits[i] > 0]
         while active:
             batch = [seqs[i] for i in active]
             self.forward([s for s in batch if s.logits is None])
@@ -253,7 +255,7 @@ class Engine:
                     if hit is not None:
                         finish[i] = ("stop", hit)
                         continue
-                if len(new[i]) >= max_new_tokens or len(s.token_ids) >= self.cfg.max_position:
+                if len(new[i]) >= limits[i] or len(s.token_ids) >= self.cfg.max_position:
                     continue
                 still.append(i)
             active = still

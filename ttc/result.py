@@ -1,0 +1,89 @@
+"""What a search returns: the answer, the ledger, and the tree (or particle history) as plain data.
+
+`Result` renders in Jupyter as the search tree with scores and a budget meter (`_repr_html_`).
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+from ttc.budget import Ledger
+from ttc.graph import Branch
+
+
+class Tree:
+    """Records every branch a search creates and what became of it (plain dicts, JSON-ready)."""
+
+    def __init__(self, kind: str = "tree"):
+        self.kind = kind  # "tree" or "particles"
+        self.nodes: dict[int, dict] = {}
+        self.history: list[dict] = []  # per-round records (particle weights, ESS, beam scores...)
+
+    def add(self, branch: Branch, score: float | None = None, status: str = "open") -> None:
+        node = self.nodes.get(branch.id)
+        if node is None:
+            parent = branch.parent.id if branch.parent is not None else None
+            step = branch.steps[-1] if branch.steps else None
+            node = {"id": branch.id, "parent": parent, "depth": branch.depth,
+                    "text": step.text if step else "", "tokens": len(step.token_ids) if step else 0,
+                    "score": None, "status": status}
+            self.nodes[branch.id] = node
+        if score is not None:
+            node["score"] = float(score)
+        node["status"] = status
+
+    def mark(self, branches, status: str) -> None:
+        for b in branches:
+            self.add(b, status=status)
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "nodes": list(self.nodes.values()), "history": self.history}
+
+
+@dataclass
+class Result:
+    problem_id: str
+    answer: str | None
+    text: str  # the chosen solution's text
+    score: float | None
+    ledger: Ledger
+    tree: dict
+    strategy: str
+    candidates: list[dict] = field(default_factory=list)  # [{"answer", "score", "votes"?}]
+    budget_tokens: int | None = None
+
+    def as_record(self) -> dict:
+        return {"id": self.problem_id, "answer": self.answer, "score": self.score, "strategy": self.strategy,
+                "candidates": self.candidates, **self.ledger.as_dict()}
+
+    def _repr_html_(self) -> str:
+        spent = self.ledger.total_tokens
+        cap = self.budget_tokens
+        pct = min(100.0, 100.0 * spent / cap) if cap else 0.0
+        meter = (f"<div style='width:320px;border:1px solid #888;height:12px'><div style='width:{pct:.0f}%;"
+                 f"height:12px;background:#4a7'></div></div>"
+                 f"<small>{spent} of {cap if cap else '∞'} tokens computed, {self.ledger.reused_tokens} reused, "
+                 f"{self.ledger.forward_passes} forward passes</small>")
+        children: dict[int | None, list[dict]] = {}
+        for node in self.tree.get("nodes", []):
+            children.setdefault(node["parent"], []).append(node)
+
+        def render(parent) -> str:
+            items = []
+            for node in children.get(parent, []):
+                colour = {"pruned": "#b55", "final": "#275", "kept": "#248", "chosen": "#0a0"}.get(node["status"], "#555")
+                score = "" if node["score"] is None else f" <b>{node['score']:.3f}</b>"
+                text = html.escape(node["text"].strip()[:120])
+                items.append(f"<li><span style='color:{colour}'>[{node['status']}]</span>{score} {text}"
+                             f"{render(node['id'])}</li>")
+            return f"<ul>{''.join(items)}</ul>" if items else ""
+
+        history = ""
+        if self.tree.get("kind") == "particles" and self.tree.get("history"):
+            rows = "".join(f"<tr><td>{h.get('step')}</td><td>{h.get('ess', float('nan')):.2f}</td>"
+                           f"<td>{', '.join(f'{w:.2f}' for w in h.get('weights', []))}</td></tr>"
+                           for h in self.tree["history"])
+            history = f"<table><tr><th>step</th><th>ESS</th><th>weights</th></tr>{rows}</table>"
+        return (f"<div><b>{html.escape(self.strategy)}</b> on {html.escape(str(self.problem_id))}: answer "
+                f"<code>{html.escape(str(self.answer))}</code>{meter}{history}{render(None)}</div>")
