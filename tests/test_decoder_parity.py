@@ -112,3 +112,22 @@ def test_embedded_model_greedy_64_tokens_equal_transformers(embedded_pair):
         ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                           do_sample=False, max_new_tokens=64, min_new_tokens=64, pad_token_id=2)
     assert list(ours.token_ids) == ref[0, len(ids):].tolist()
+
+
+def test_fast_gguf_dequantization_equals_the_gguf_package_bit_for_bit():
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from ttc.decoder.weights import _dequantize_fast, resolve
+
+    reader = GGUFReader(str(resolve("smollm2-135m").path))
+    seen = set()
+    for t in reader.tensors:
+        if t.tensor_type in seen:
+            continue
+        seen.add(t.tensor_type)
+        fast = _dequantize_fast(t.data, t.tensor_type)
+        slow = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        assert torch.equal(fast.reshape(slow.shape), slow), t.name
+    assert len(seen) == 3  # Q8_0 embeddings, Q4_1 matrices, F32 norms

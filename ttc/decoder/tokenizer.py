@@ -6,16 +6,10 @@ takes seconds; the result is saved once under the user's cache folder and loaded
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from pathlib import Path
 
-from .weights import ModelSource
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ttc"
+from .weights import ModelSource, cache_root, file_key
 
 
 class Tokenizer:
@@ -61,9 +55,7 @@ def load_tokenizer(source: ModelSource, extra_eos: tuple[int, ...] = ()) -> Toke
             eos = json.loads(gen.read_text()).get("eos_token_id")
             extra_eos += tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return Tokenizer(hf, extra_eos)
-    stat = source.path.stat()
-    key = hashlib.sha1(f"{source.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = _cache_root() / "tokenizers" / f"{source.path.stem}-{key}"
+    cached = cache_root() / "tokenizers" / f"{source.path.stem}-{file_key(source.path)}"
     if (cached / "tokenizer_config.json").is_file():
         try:
             return Tokenizer(AutoTokenizer.from_pretrained(str(cached)), extra_eos)

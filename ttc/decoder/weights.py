@@ -144,6 +144,36 @@ def _unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _dequantize_fast(data: np.ndarray, qtype) -> torch.Tensor | None:
+    """Q4_1 / Q8_0 / F32 / F16 blocks -> float32 (rows, cols) in torch, or None for other types.
+
+    Why not gguf.quants.dequantize: it is correct (and the twin tests compare against it) but takes
+    ~7 s for the embedded model, against ~0.3 s here; the block layouts are from ggml's spec:
+    Q4_1 = fp16 scale d, fp16 min m, 16 bytes of nibbles (low nibbles are weights 0-15, high 16-31),
+    value = d * q + m; Q8_0 = fp16 scale d, 32 int8, value = d * q.
+    """
+    from gguf import GGMLQuantizationType as Q
+
+    raw = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True)) if data.dtype == np.uint8 else \
+        torch.from_numpy(np.array(data, copy=True)).view(torch.uint8)
+    if qtype == Q.F32:
+        return raw.view(torch.float32).clone()
+    if qtype == Q.F16:
+        return raw.view(torch.float16).float()
+    if qtype not in (Q.Q4_1, Q.Q8_0):
+        return None
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, 20 if qtype == Q.Q4_1 else 34)  # (n_blocks, bytes per block)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
+    if qtype == Q.Q8_0:
+        q = blocks[:, 2:].contiguous().view(torch.int8).float()  # (n_blocks, 32)
+        return (q * d).reshape(rows, -1)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    nibbles = blocks[:, 4:]  # (n_blocks, 16)
+    q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=1).float()  # (n_blocks, 32)
+    return (q * d + m).reshape(rows, -1)
+
+
 def _gguf_field(reader, key: str, default=None):
     field = reader.fields.get(key)
     if field is None:
@@ -192,21 +222,72 @@ def gguf_config(reader) -> ModelConfig:
 SUPPORTED_GGUF_ARCHES = ("llama", "qwen2")
 
 
-def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ttc"
+
+
+def file_key(path: Path) -> str:
+    """Identity of a file's contents for cache keys: resolved path, size and modification time."""
+    import hashlib
+
+    stat = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _gguf_index(path: Path) -> dict:
+    """Config and tensor table (name, type, shape, byte offset, byte size) of a GGUF file.
+
+    GGUFReader parses every metadata array element, ~98k tokenizer strings for the embedded model,
+    which takes 5-10 s; the table is tiny, so it is cached as JSON beside the tokenizer cache.
+    """
+    import dataclasses
+
+    cached = cache_root() / "gguf" / f"{path.stem}-{file_key(path)}.json"
+    if cached.is_file():
+        try:
+            return json.loads(cached.read_text())
+        except (OSError, ValueError):
+            pass  # unreadable cache entry: rebuild it
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
-    cfg = gguf_config(reader)
-    by_name = {t.name: t for t in reader.tensors}
+    cfg = dataclasses.asdict(gguf_config(reader))
+    tensors = [{"name": t.name, "type": int(t.tensor_type), "shape": list(reversed(t.shape.tolist())),
+                "offset": int(t.data_offset), "n_bytes": int(t.n_bytes)} for t in reader.tensors]
+    index = {"config": cfg, "tensors": tensors}
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # an unwritable cache only costs time
+    return index
+
+
+def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    index = _gguf_index(path)
+    raw_cfg = index["config"]
+    raw_cfg["eos_token_ids"] = tuple(raw_cfg["eos_token_ids"])
+    cfg = ModelConfig(**raw_cfg)
+    by_name = {t["name"]: t for t in index["tensors"]}
+    file = np.memmap(path, dtype=np.uint8, mode="r")
 
     def get(name: str):
         t = by_name.get(name)
         if t is None:
             return None
-        # (rows, cols) float32 in PyTorch's (out, in) layout; ggml lists the shape reversed.
-        arr = dequantize(t.data, t.tensor_type)
-        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(tuple(reversed(t.shape.tolist()))))
+        qtype = GGMLQuantizationType(t["type"])
+        shape = tuple(t["shape"])  # (rows, cols): PyTorch's (out, in) layout
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        data = file[t["offset"]: t["offset"] + t["n_bytes"]].reshape(rows, -1)
+        w = _dequantize_fast(data, qtype)
+        if w is None:  # other quantization types: the gguf package's own (slower) dequantizer
+            w = torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32, copy=True))
+        w = w.reshape(shape)
         if cfg.arch == "llama" and name.endswith("attn_q.weight"):
             w = _unpermute_rotary(w, cfg.num_heads)
         elif cfg.arch == "llama" and name.endswith("attn_k.weight"):
