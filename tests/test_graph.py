@@ -1,0 +1,97 @@
+"""The graph core: solve(), the Meter, the proposer's budget shares, Result as plain data and HTML."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ttc
+from ttc.graph import Meter
+from ttc.proposer import LocalProposer
+from ttc.search.best_of_n import BestOfN
+from ttc.search.self_consistency import SelfConsistency
+
+
+def _pool_is_whole(model) -> bool:
+    engine = model.engine
+    return engine.pool.num_free + engine.prefix.num_cached_blocks == engine.pool.num_blocks
+
+
+class LengthVerifier:
+    """A toy outcome verifier: longer solutions score higher (ties broken by nothing)."""
+
+    cost_per_branch = 0.0
+    cost_per_token = 0.0
+
+    def score(self, branches, meter):
+        return [float(b.num_tokens) for b in branches]
+
+
+@pytest.mark.parametrize("budget", [120, 300, 900])
+def test_sampling_strategies_never_exceed_their_budget(tiny_model, budget):
+    for strategy in (SelfConsistency(n=6), BestOfN(n=6)):
+        res = ttc.solve("What is 2+2?", model=tiny_model, strategy=strategy, verifier=LengthVerifier(),
+                        budget=budget, max_tokens=80)
+        assert res.ledger.total_tokens <= budget
+        assert _pool_is_whole(tiny_model)
+
+
+def test_a_budget_smaller_than_the_prompt_is_refused_and_loses_nothing(tiny_model):
+    tiny_model.engine.clear_prefix_cache()
+    with pytest.raises(ttc.BudgetExceeded):
+        ttc.solve("What is 2+2?", model=tiny_model, strategy="self_consistency", budget=5)
+    assert _pool_is_whole(tiny_model)
+
+
+def test_best_of_n_picks_the_highest_scored_sample(tiny_model):
+    res = ttc.solve("Count to ten.", model=tiny_model, strategy=BestOfN(n=5), verifier=LengthVerifier(),
+                    max_tokens=40, seed=3)
+    finals = [n for n in res.tree["nodes"] if n["status"] in ("final", "chosen")]
+    assert res.score == max(n["score"] for n in finals)
+
+
+def test_solve_is_reproducible_with_a_seed(tiny_model):
+    a = ttc.solve("Say hi.", model=tiny_model, strategy=SelfConsistency(n=4), max_tokens=30, seed=7)
+    b = ttc.solve("Say hi.", model=tiny_model, strategy=SelfConsistency(n=4), max_tokens=30, seed=7)
+    assert a.text == b.text and a.ledger.generated_tokens == b.ledger.generated_tokens
+
+
+def test_strategies_are_found_by_file_name(tiny_model):
+    res = ttc.solve("Say hi.", model=tiny_model, strategy="best_of_n", max_tokens=10)
+    assert res.strategy == "best_of_n"
+    with pytest.raises(ValueError, match="no strategy named"):
+        ttc.solve("Say hi.", model=tiny_model, strategy="no_such_strategy")
+
+
+def test_result_is_plain_data_and_renders_as_html(tiny_model):
+    res = ttc.solve("Say hi.", model=tiny_model, strategy=SelfConsistency(n=3), budget=400, max_tokens=20)
+    json.dumps(res.as_record())
+    json.dumps(res.tree)
+    page = res._repr_html_()
+    assert "self_consistency" in page and "tokens computed" in page and "<ul>" in page
+
+
+def test_proposer_shares_leave_room_for_the_verifier(tiny_model):
+    meter = Meter(ttc.Budget(tokens=1000))
+    meter.verifier_cost = (10.0, 1.0)  # 10 tokens per branch plus one per generated token
+    # 4 children: (1000 - 40) / (4 * 2) = 120 tokens each
+    assert meter.generation_share(4) == 120
+    proposer = LocalProposer(tiny_model, max_tokens=500, max_step_tokens=500)
+    root = proposer.start(ttc.Problem(id="p", prompt="Hello"), meter)
+    kids = proposer.propose([root], 4, meter, to_end=True)
+    assert all(k.num_tokens <= (1000 - meter.ledger.prefill_tokens - 40) // 8 for k in kids)
+    proposer.release(kids + [root])
+    assert _pool_is_whole(tiny_model)
+
+
+def test_steps_end_at_the_stop_pattern_and_keep_it_in_the_branch_text(tiny_model):
+    meter = Meter()
+    proposer = LocalProposer(tiny_model, step_stop=(" ",), max_step_tokens=30, max_tokens=200)
+    root = proposer.start(ttc.Problem(id="p", prompt="a b c d"), meter)
+    (child,) = proposer.propose([root], 1, meter)
+    step = child.steps[-1]
+    if step.finish_reason == "step":
+        assert step.text.endswith(" ") and not child.finished
+    assert child.parent is root and child.depth == 1
+    proposer.release([child, root])
