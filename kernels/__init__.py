@@ -2,11 +2,24 @@
 
 Triton kernels run on CUDA tensors when Triton is importable; everything else runs the PyTorch
 reference, which is also the CPU fast path. `reference()` forces the references (tests, debugging).
+
+| fast path | reference (CPU, oracle) | Triton twin (CUDA) |
+| --- | --- | --- |
+| decode attention over shared prefixes | `attention.decode_attention` | `attention_triton.decode_attention` |
+| RMSNorm (+ residual add) | `norm.rms_norm_reference` | `norm_triton.rms_norm` |
+| rotary embedding (in place on request) | `rotary.apply_rotary_reference` | `rotary_triton.apply_rotary` |
+| temperature / top-k / top-p / min-p sampling | `sampling.sample_reference` | `sampling_triton.sample` |
+
+Prefill attention has no Triton twin yet: it runs the reference (SDPA) everywhere.
+The Triton modules are imported on the first CUDA call, never on a CPU-only path, so `import ttc`
+does not pay for Triton and a test can set TRITON_INTERPRET before the kernels are compiled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 
 import torch
 
@@ -15,14 +28,18 @@ from .attention import (DecodePlan, PrefillSeq, SharedSegment, decode_attention 
                         prefill_attention as prefill_attention_reference)
 from .norm import rms_norm_reference
 from .rotary import apply_rotary_reference
+from .sampling import sample_reference
 
 __all__ = ["DecodePlan", "PrefillSeq", "SharedSegment", "plan_decode", "merge_states", "decode_attention",
-           "decode_attention_naive", "prefill_attention", "rms_norm", "apply_rotary", "reference", "uses_triton"]
+           "decode_attention_naive", "prefill_attention", "rms_norm", "apply_rotary", "sample", "reference",
+           "uses_triton", "has_triton"]
 
 _force_reference = False
 
 
-def _has_triton() -> bool:
+@functools.cache
+def has_triton() -> bool:
+    """Whether Triton imports here; asked once, on the first CUDA tensor."""
     try:
         import triton  # noqa: F401
     except Exception:
@@ -30,11 +47,13 @@ def _has_triton() -> bool:
     return True
 
 
-HAS_TRITON = _has_triton()
-
-
 def uses_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and t.is_cuda and not _force_reference
+    return t.is_cuda and not _force_reference and has_triton()
+
+
+@functools.cache
+def _triton(module: str):
+    return importlib.import_module(f".{module}", __name__)
 
 
 @contextlib.contextmanager
@@ -49,6 +68,9 @@ def reference():
 
 
 def decode_attention(q, k_cache, v_cache, plan: DecodePlan, scale: float):
+    """q (B, Hq, D); k_cache, v_cache (S, Hkv, D) -> (B, Hq, D): each shared segment read once per group."""
+    if uses_triton(q):
+        return _triton("attention_triton").decode_attention(q, k_cache, v_cache, plan, scale)
     return decode_attention_reference(q, k_cache, v_cache, plan, scale)
 
 
@@ -57,8 +79,22 @@ def prefill_attention(q, k_cache, v_cache, seqs, scale: float):
 
 
 def rms_norm(x, weight, eps: float, residual=None):
+    """x (..., H) -> y, or (y, x + residual) when residual is given."""
+    if uses_triton(x):
+        return _triton("norm_triton").rms_norm(x, weight, eps, residual)
     return rms_norm_reference(x, weight, eps, residual)
 
 
-def apply_rotary(x, cos, sin):
-    return apply_rotary_reference(x, cos, sin)
+def apply_rotary(x, cos, sin, inplace: bool = False):
+    """x (T, H, D); cos, sin (T, D/2). Returns the rotated tensor; with inplace, that is x itself."""
+    if uses_triton(x):
+        return _triton("rotary_triton").apply_rotary(x, cos, sin, inplace=inplace)
+    out = apply_rotary_reference(x, cos, sin)
+    return x.copy_(out) if inplace else out
+
+
+def sample(logits, temperature, top_k, top_p, min_p, uniforms):
+    """logits (B, V), per-row parameters (B,) and uniforms (B,) -> (tokens (B,) long, logprobs (B,) float32)."""
+    if uses_triton(logits):
+        return _triton("sampling_triton").sample(logits, temperature, top_k, top_p, min_p, uniforms)
+    return sample_reference(logits, temperature, top_k, top_p, min_p, uniforms)

@@ -1,0 +1,35 @@
+"""Timing helpers shared by the kernel files' benchmarks (`python -m ttc.kernels.<file>`)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def time_ms(fn, device: str, reps: int = 10) -> float:
+    """Milliseconds per call: triton.testing.do_bench on CUDA, a warmed-up wall clock mean on CPU."""
+    if device == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn)
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Achievable device memory bandwidth in bytes/s, from a 1 GiB device-to-device copy (read + write)."""
+    import triton
+
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def floor_ms(nbytes: int, bandwidth: float) -> float:
+    """The memory-bandwidth floor: the time to move nbytes once at the measured copy bandwidth."""
+    return nbytes / bandwidth * 1e3
