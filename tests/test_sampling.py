@@ -70,3 +70,14 @@ def test_invalid_parameters_are_refused():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
+
+
+def test_a_rows_token_does_not_depend_on_the_other_rows_filters():
+    """Found in review: an unfiltered row drew in sorted order whenever another row used top-p."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 50, generator=g)
+    plain, nucleus = SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.5)
+    for u in (0.1, 0.37, 0.8, 0.999):
+        alone, _ = sample(logits[:1], [plain], [u])
+        mixed, _ = sample(logits, [plain, nucleus], [u, u])
+        assert alone[0] == mixed[0]

@@ -71,6 +71,8 @@ class LocalProposer:
         limits = self._limits(live, n, meter, None if to_end else self.max_step_tokens)
         if not live or n < 1 or max(limits, default=0) < 1:
             return []
+        # one batched forward for every parent's last sampled token, instead of one per fork
+        self.engine.forward([b.handle for b in live if b.handle.num_pending])
         handles, seeds, parents = [], [], []
         for b in live:
             s = self._seeds(b, n)
@@ -104,6 +106,12 @@ class LocalProposer:
                 len(h.token_ids) >= self.model.config.max_position
             children.append(parent.child(h, step, seed, finished))
         return children
+
+    def fork(self, branch: Branch, n: int, meter: Meter) -> list[Branch]:
+        """n copies of a branch sharing its KV (resampling); each copy draws its own seeds from here on."""
+        handles = self.engine.fork(branch.handle, n, seeds=self._seeds(branch, n), ledger=meter.ledger)
+        return [Branch(handle=h, steps=branch.steps, parent=branch.parent, scores=branch.scores,
+                       finished=branch.finished, seed=h.rng.seed) for h in handles]
 
     # -- bookkeeping -----------------------------------------------------------------------------
 

@@ -73,27 +73,27 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
 
 
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Every row draws in vocabulary order, whatever the other rows ask for.
+
+    Filters (top-k, top-p, min-p) are found in the sorted domain but applied as a mask in vocabulary
+    order, so a row's token depends only on its own logits, parameters and uniform, never on which
+    other branches share the batch.
+    """
     R, V = logits.shape
     temp = torch.tensor([p.temperature for p in params], dtype=torch.float32)[:, None]
-    scaled = logits / temp
+    probs = torch.softmax(logits / temp, dim=-1)
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)[:, None]
     if any(p < 1.0 for p in top_p) or any(k > 0 for k in top_k):
-        # Sorted domain: filters are prefix cuts, and the draw maps back through the sort order.
         k_max = V if any(p < 1.0 for p in top_p) or any(k == 0 for k in top_k) else max(top_k)
-        vals, order = torch.topk(scaled, k_max, dim=-1)  # (R, K) descending
-        probs = torch.softmax(vals, dim=-1)
-        cut = torch.zeros_like(probs, dtype=torch.bool)
-        ks = torch.tensor([k if k > 0 else V for k in top_k])[:, None]
-        cut |= torch.arange(k_max)[None, :] >= ks
-        before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each token
+        sorted_probs, order = torch.topk(probs, k_max, dim=-1)  # (R, K) descending
+        cut = torch.arange(k_max)[None, :] >= torch.tensor([k if k > 0 else V for k in top_k])[:, None]
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
         cut |= before >= torch.tensor(top_p, dtype=torch.float32)[:, None]
-        cut |= probs < min_p * probs[:, :1]
         cut[:, 0] = False  # the most likely token always survives
-        probs = probs.masked_fill(cut, 0.0)
-        return order.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0]
-    probs = torch.softmax(scaled, dim=-1)
+        keep = torch.zeros(R, V, dtype=torch.bool).scatter_(1, order, ~cut)
+        probs = probs.masked_fill(~keep, 0.0)
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return _inverse_cdf(probs, u)
