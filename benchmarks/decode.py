@@ -69,6 +69,25 @@ def run_llama_cpp(llm, ids: list[int], n: int) -> dict | None:
     return {"tok_s": made / wall, "prefill": len(ids), "kv": None}
 
 
+def llama_cpp_works() -> tuple[bool, str]:
+    """Probe llama-cpp-python in a child process: a broken build segfaults, which must not end this run."""
+    import subprocess
+    import sys
+
+    probe = ("from llama_cpp import Llama; import sys; "
+             f"llm = Llama(model_path={str(resolve('smollm2-135m').path)!r}, n_ctx=64, verbose=False); "
+             "next(iter(llm.generate(llm.tokenize(b'Hi'), temp=0.0)))")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False, "llama-cpp-python hung in a probe"
+    if done.returncode == 0:
+        return True, ""
+    if b"ModuleNotFoundError" in done.stderr:
+        return False, "llama-cpp-python is not installed"
+    return False, f"llama-cpp-python crashed in a one-token probe (exit {done.returncode})"
+
+
 def machine() -> str:
     cpu = platform.processor() or "cpu"
     try:
@@ -110,14 +129,16 @@ def main() -> None:
         rows["HF generate float32"] = {n: run_hf(hf, hf_ids, n) for _, n in workloads}
         del hf
         gc.collect()
-    try:
+    notes = []
+    llama_ok, why = llama_cpp_works()
+    if llama_ok:
         from llama_cpp import Llama
 
         llm = Llama(model_path=str(resolve("smollm2-135m").path), n_ctx=512, n_threads=torch.get_num_threads(),
                     verbose=False)
         rows["llama.cpp Q4_1 (1 stream)"] = {n: r for _, n in workloads if (r := run_llama_cpp(llm, ids, n))}
-    except ImportError:
-        pass
+    else:
+        notes.append(f"llama.cpp not measured: {why}")
 
     peers = [k for k in rows if not k.startswith("ttc")]
     header = ["engine", *[f"{name} tok/s" for name, _ in workloads]] + [f"x {p.split()[0]} ({name.split()[0]})"
@@ -139,6 +160,7 @@ def main() -> None:
                 kv = res[n]["kv"]
                 lines.append(f"| {engine} | {name} | {res[n]['prefill']} | {kv / 1e6:.1f} MB |" if kv else
                              f"| {engine} | {name} | {res[n]['prefill']} | - |")
+    lines.extend(f"\n{n}" for n in notes)
     table = "\n".join(lines)
     print(table)
     if args.record:

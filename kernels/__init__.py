@@ -26,12 +26,12 @@ import torch
 from .attention import (DecodePlan, PrefillSeq, SharedSegment, decode_attention as decode_attention_reference,
                         decode_attention_naive, merge_states, plan_decode,
                         prefill_attention as prefill_attention_reference)
-from .norm import rms_norm_reference
-from .rotary import apply_rotary_reference
+from .norm import rms_norm_cpu, rms_norm_reference
+from .rotary import apply_rotary_reference, apply_rotary_tables, rotary_tables
 from .sampling import sample_reference
 
 __all__ = ["DecodePlan", "PrefillSeq", "SharedSegment", "plan_decode", "merge_states", "decode_attention",
-           "decode_attention_naive", "prefill_attention", "rms_norm", "apply_rotary", "sample", "reference",
+           "decode_attention_naive", "prefill_attention", "rms_norm", "apply_rotary", "rotary_tables", "sample", "reference",
            "uses_triton", "has_triton"]
 
 _force_reference = False
@@ -82,14 +82,22 @@ def rms_norm(x, weight, eps: float, residual=None):
     """x (..., H) -> y, or (y, x + residual) when residual is given."""
     if uses_triton(x):
         return _triton("norm_triton").rms_norm(x, weight, eps, residual)
-    return rms_norm_reference(x, weight, eps, residual)
+    if _force_reference:
+        return rms_norm_reference(x, weight, eps, residual)
+    return rms_norm_cpu(x, weight, eps, residual)
 
 
-def apply_rotary(x, cos, sin, inplace: bool = False):
-    """x (T, H, D); cos, sin (T, D/2). Returns the rotated tensor; with inplace, that is x itself."""
+def apply_rotary(x, cos, sin, inplace: bool = False, tables=None):
+    """x (T, H, D); cos, sin (T, D/2). Returns the rotated tensor; with inplace, that is x itself.
+
+    `tables` (from `rotary_tables(cos, sin)`, built once per forward) enables the CPU fast path.
+    """
     if uses_triton(x):
         return _triton("rotary_triton").apply_rotary(x, cos, sin, inplace=inplace)
-    out = apply_rotary_reference(x, cos, sin)
+    if tables is not None and not _force_reference:
+        out = apply_rotary_tables(x, *tables)
+    else:
+        out = apply_rotary_reference(x, cos, sin)
     return x.copy_(out) if inplace else out
 
 

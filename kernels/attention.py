@@ -41,7 +41,7 @@ class DecodePlan:
 
 
 def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: int,
-                max_segments: int = 8, min_shared_tokens: int = 16) -> DecodePlan:
+                max_segments: int = 8, min_shared_tokens: int = 16, dtype: torch.dtype = torch.float32) -> DecodePlan:
     """Group full blocks by the exact set of rows that use them.
 
     A block used by two or more rows becomes part of that row-set's shared segment; everything else
@@ -87,7 +87,7 @@ def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: i
     # stable sort moves each row's private positions to the front, in order
     order = torch.argsort((~private).to(torch.int8), dim=1, stable=True)[:, :p_max]
     private_slots = all_slots.gather(1, order)
-    private_bias = torch.zeros(B, 1, 1, p_max).masked_fill_(
+    private_bias = torch.zeros(B, 1, 1, p_max, dtype=dtype).masked_fill_(
         (torch.arange(p_max)[None, :] >= counts[:, None])[:, None, None, :], NEG_INF)
     return DecodePlan(tuple(segments), private_slots, private_bias, all_slots, all_bias)
 
@@ -124,7 +124,7 @@ def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
     Rows whose keys are all masked are left to the reference, which defines them as (0, -inf).
     """
     if _FLASH_CPU and q.device.type == "cpu" and q.dim() == 4 and q.dtype in (torch.float32, torch.bfloat16):
-        mask = None if bias is None else bias.to(q.dtype)
+        mask = None if bias is None else bias.to(q.dtype)  # a no-op when the plan was built in q's dtype
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
         return o.float(), lse
     return _partial_reference(q, k, v, bias, scale)

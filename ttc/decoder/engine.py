@@ -170,7 +170,8 @@ class Engine:
             slots.extend(s.kv.slots(start, start + n, bs))
         decode = all(n == 1 for n in counts)
         if decode:
-            attn = plan_decode([s.kv.blocks for s in seqs], [s.kv.num_tokens + 1 for s in seqs], bs)
+            attn = plan_decode([s.kv.blocks for s in seqs], [s.kv.num_tokens + 1 for s in seqs], bs,
+                               dtype=self.model.dtype)
         else:
             attn, row = [], 0
             for s, n in zip(seqs, counts):

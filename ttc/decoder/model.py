@@ -60,12 +60,13 @@ class Transformer(torch.nn.Module):
         T = tokens.shape[0]
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        tables = None if kernels.uses_triton(tokens) else kernels.rotary_tables(cos, sin)  # once, for all layers
         decode = isinstance(attn, DecodePlan)
         x = self.embed[tokens]  # (T, H)
         h = kernels.rms_norm(x, self.layers[0]["attn_norm"], cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             qkv = layer["qkv"](h)  # (T, (Hq + 2Hkv) * D)
-            qk = kernels.apply_rotary(qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin)
+            qk = kernels.apply_rotary(qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin, tables=tables)
             q, k = qk[:, :Hq], qk[:, Hq:]
             v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
             k_cache[i].index_copy_(0, new_slots, k)
