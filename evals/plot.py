@@ -1,0 +1,103 @@
+"""Accuracy versus compute from finished runs:
+
+    python -m ttc.evals.plot multirun/eval/2025-01-01/12-00-00 outputs/eval/... --out acc_vs_tokens.png
+
+Reads every summary.json under the given run or sweep folders, draws accuracy against mean computed
+tokens per problem (`--x mean_flops` for FLOPs), one line per strategy (and verifier), and prints
+the points as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ttc.evals.metrics import accuracy_vs_compute
+from ttc.evals.runner import SUMMARY
+
+X_LABELS = {"mean_tokens": "computed tokens per problem", "mean_flops": "FLOPs per problem",
+            "mean_generated_tokens": "generated tokens per problem", "mean_wall_s": "seconds per problem"}
+
+
+def find_summaries(paths: list[str | Path]) -> list[dict]:
+    """The summaries in these folders (searched recursively) or files, each once."""
+    files: list[Path] = []
+    for given in map(Path, paths):
+        if given.is_file():
+            files.append(given)
+        elif given.is_dir():
+            files.extend(sorted(given.rglob(SUMMARY)))
+        else:
+            raise FileNotFoundError(f"no run folder or summary file at {given}")
+    summaries, seen = [], set()
+    for f in files:
+        if f.resolve() in seen:
+            continue
+        seen.add(f.resolve())
+        summary = json.loads(f.read_text())
+        summary.setdefault("out_dir", str(f.parent))
+        summaries.append(summary)
+    return summaries
+
+
+def points_table(summaries: list[dict], x: str = "mean_tokens") -> str:
+    rows = [("label", "n", x, "accuracy", "problems", "folder")]
+    for s in sorted(summaries, key=lambda s: (str(s.get("label")), float(s[x]))):
+        rows.append((str(s.get("label")), str(s.get("n", "")), f"{float(s[x]):.4g}", f"{s['accuracy']:.4f}",
+                     str(s["problems"]), str(s.get("out_dir", ""))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def plot(summaries: list[dict], out: str | Path, x: str = "mean_tokens", title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({str(s.get("dataset")) for s in summaries})
+    if len(datasets) > 1:  # one line per strategy and dataset
+        summaries = [{**s, "label": f"{s.get('label')} ({s.get('dataset')})"} for s in summaries]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, points in accuracy_vs_compute(summaries, x).items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=label)
+    if any(float(s[x]) > 0 for s in summaries):
+        ax.set_xscale("log")
+    ax.set_xlabel(X_LABELS.get(x, x))
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or ", ".join(datasets))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="run or sweep folders (searched for summary.json), or summary files")
+    ap.add_argument("--out", default="acc_vs_tokens.png", help="the image to write (.png, .pdf, .svg)")
+    ap.add_argument("--x", default="mean_tokens", choices=sorted(X_LABELS), help="the compute axis")
+    ap.add_argument("--title", default=None)
+    args = ap.parse_args(argv)
+    try:
+        summaries = find_summaries(args.runs)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not summaries:
+        print(f"error: no {SUMMARY} under {' '.join(args.runs)}", file=sys.stderr)
+        return 2
+    print(points_table(summaries, args.x))
+    print(f"wrote {plot(summaries, args.out, args.x, args.title)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

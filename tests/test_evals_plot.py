@@ -1,0 +1,38 @@
+"""The plot command: accuracy versus compute from summary.json files."""
+
+from __future__ import annotations
+
+import json
+
+from ttc.evals.plot import find_summaries, main
+
+
+def write_summary(folder, label, n, tokens, accuracy):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(
+        {"label": label, "strategy": label, "n": n, "mean_tokens": tokens, "mean_flops": tokens * 1e8,
+         "accuracy": accuracy, "problems": 10, "dataset": "reasoning_gym/chain_sum"}))
+
+
+def test_the_plot_command_writes_a_png_and_prints_the_points(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for job, (n, tokens, acc) in enumerate([(1, 100, 0.1), (2, 190, 0.15), (4, 370, 0.2)]):
+        write_summary(sweep / str(job), "self_consistency", n, tokens, acc)
+    write_summary(tmp_path / "greedy", "greedy", None, 90, 0.08)
+    out = tmp_path / "plots" / "acc_vs_tokens.png"
+    assert main([str(sweep), str(tmp_path / "greedy"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["label", "n", "mean_tokens", "accuracy"]
+    assert [line.split()[0] for line in table[1:5]] == ["greedy"] + ["self_consistency"] * 3
+    assert "0.2000" in table[4]
+
+
+def test_a_folder_is_searched_once_even_when_named_twice(tmp_path):
+    write_summary(tmp_path / "run", "greedy", None, 50, 0.1)
+    assert len(find_summaries([tmp_path, tmp_path / "run", tmp_path / "run" / "summary.json"])) == 1
+
+
+def test_the_plot_command_fails_with_a_message_when_there_is_nothing_to_plot(tmp_path, capsys):
+    assert main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
