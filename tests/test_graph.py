@@ -95,3 +95,24 @@ def test_steps_end_at_the_stop_pattern_and_keep_it_in_the_branch_text(tiny_model
         assert step.text.endswith(" ") and not child.finished
     assert child.parent is root and child.depth == 1
     proposer.release([child, root])
+
+
+def test_the_readme_composition_runs_and_returns_the_pool(tiny_model):
+    """The README's few-line strategy, verbatim in spirit: compose nodes without touching ttc's code."""
+
+    def two_of_four(problem, proposer, verifier, meter):
+        root = proposer.start(problem, meter)
+        firsts = proposer.propose([root], 4, meter)
+        scores = verifier.score(firsts, meter)
+        ranked = [b for _, b in sorted(zip(scores, firsts), key=lambda p: -p[0])]
+        done = proposer.complete(ranked[:2], meter)
+        proposer.release([root] + ranked[2:] + done)
+        return proposer.answer(done[0]) if done else None
+
+    tiny_model.engine.clear_prefix_cache()
+    meter = Meter(ttc.Budget(tokens=2000))
+    proposer = LocalProposer(tiny_model, max_tokens=60)
+    two_of_four(ttc.Problem(id="p", prompt="What is 1+1?"), proposer, LengthVerifier(), meter)
+    assert meter.ledger.total_tokens <= 2000 and meter.ledger.generated_tokens > 0
+    tiny_model.engine.clear_prefix_cache()
+    assert tiny_model.engine.pool.num_free == tiny_model.engine.pool.num_blocks
