@@ -1,0 +1,514 @@
+"""Tree searches: beam, DVTS, A* and the ETS selector.
+
+Selection logic is checked exactly on a scripted proposer (children are letters, scores come from a
+table), the invariants (budget, seeds, greedy equivalence, KV pool) on the tiny random Llama, and one
+slow end-to-end run per strategy on the embedded model with GSM8K problems.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ttc
+from ttc.graph import Branch, Meter, Problem, Scored, Step
+from ttc.search.astar import AStar, step_cost
+from ttc.search.beam import Beam, TopK
+from ttc.search.dvts import DVTS
+from ttc.search.ets import ETS, ETSSelector, KeepProgram, cluster, keep_values, path_nodes
+
+PROBLEM = Problem(id="p", prompt=[{"role": "user", "content": "What is 2 + 3?"}])
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+# -- a scripted proposer and table verifiers ---------------------------------------------------------
+
+
+class FakeHandle:
+    def __init__(self, path: str):
+        self.path = path
+
+
+class FakeProposer:
+    """Children are letters: the i-th child ever drawn from a branch appends "abcd..."[i] to its path.
+
+    A path in `ends` or of length `max_len` is finished. Every step costs `step_tokens` generated
+    tokens (fewer if that is all the meter affords). `live` holds the handles not yet released.
+    """
+
+    def __init__(self, ends=(), max_len: int = 3, step_tokens: int = 10):
+        self.ends, self.max_len, self.step_tokens = set(ends), max_len, step_tokens
+        self.live: set[FakeHandle] = set()
+        self.drawn: dict[int, int] = {}
+
+    def start(self, problem, meter):
+        meter.ledger.prefill_tokens += 5
+        h = FakeHandle("")
+        self.live.add(h)
+        return Branch(handle=h)
+
+    def propose(self, branches, n, meter, to_end=False):
+        live = [b for b in branches if not b.finished]
+        share = meter.generation_share(len(live) * n)
+        if not live or n < 1 or share < 1:
+            return []
+        tokens = min(self.step_tokens, share)
+        out = []
+        for b in live:
+            for _ in range(n):
+                i = self.drawn.get(b.id, 0)
+                self.drawn[b.id] = i + 1
+                label = "abcdefghijklmnopqrstuvwxyz"[i]
+                h = FakeHandle(b.handle.path + label)
+                self.live.add(h)
+                meter.ledger.generated_tokens += tokens
+                finished = h.path in self.ends or len(h.path) >= self.max_len
+                out.append(b.child(h, Step(label, (ord(label),) * tokens, 0.0, "step"), 0, finished))
+        return out
+
+    def complete(self, branches, meter):
+        if meter.generation_share(len(branches)) < 1:
+            return list(branches)
+        meter.ledger.generated_tokens += len(branches)
+        return [b if b.finished else b.child(b.handle, Step("!", (33,), 0.0, "eos"), 0, True) for b in branches]
+
+    def release(self, branches):
+        for b in branches:
+            self.live.discard(b.handle)
+
+    def answer(self, branch):
+        return branch.text
+
+
+class TableVerifier:
+    """Scores a branch by its text (its path of letters); unknown paths score `default`."""
+
+    def __init__(self, table: dict[str, float], default: float = 0.0):
+        self.table, self.default = table, default
+        self.released: set[int] = set()
+
+    def score(self, branches, meter):
+        return [self.table.get(b.text, self.default) for b in branches]
+
+    def release(self, branches=()):
+        self.released.update(b.id for b in branches)
+
+
+def statuses(result) -> dict[str, str]:
+    """Each node's status by its path (paths are unique in a FakeProposer's tree)."""
+    return {path_of(result, n): n["status"] for n in result.tree["nodes"]}
+
+
+def path_of(result, node) -> str:
+    nodes = {n["id"]: n for n in result.tree["nodes"]}
+    text = ""
+    while node is not None:
+        text = node["text"] + text
+        node = nodes.get(node["parent"])
+    return text
+
+
+# -- beam search, by hand ------------------------------------------------------------------------------
+
+
+def test_beam_keeps_the_best_width_children_each_round_and_answers_with_the_best_finished():
+    table = {"a": .9, "b": .2, "c": .8, "d": .5,
+             "aa": .3, "ab": .6, "ca": .7, "cb": .1,
+             "caa": .4, "cab": .95, "aba": .5, "abb": .2}
+    proposer, verifier = FakeProposer(max_len=3), TableVerifier(table)
+    result = Beam(width=2, expand=2, max_depth=5)(PROBLEM, proposer, verifier, Meter())
+    assert result.answer == "cab" and result.score == .95
+    status = statuses(result)
+    assert {p: status[p] for p in ("a", "b", "c", "d")} == {"a": "kept", "b": "pruned", "c": "kept", "d": "pruned"}
+    assert {p: status[p] for p in ("aa", "ab", "ca", "cb")} == {"aa": "pruned", "ab": "kept", "ca": "kept",
+                                                                "cb": "pruned"}
+    assert {p: status[p] for p in ("caa", "cab", "aba", "abb")} == {"caa": "pruned", "cab": "chosen",
+                                                                    "aba": "final", "abb": "pruned"}
+    assert sorted(c["answer"] for c in result.candidates) == ["aba", "cab"]
+    assert [n["score"] for n in result.tree["nodes"] if path_of(result, n) == "ca"] == [.7]
+    assert proposer.live == set()  # every pruned child, expanded parent and finished solution released
+
+
+def test_a_finished_child_takes_its_slot_and_the_beam_narrows():
+    # round 1: b finishes (kept, slot 1 of 2 filled); round 2: one slot left, so a asks for 1 * 2 children
+    table = {"a": .8, "b": .9, "c": .1, "d": .1, "aa": .3, "ab": .7, "aba": .2, "abb": .6}
+    proposer = FakeProposer(ends={"b"}, max_len=3)
+    result = Beam(width=2, expand=2)(PROBLEM, proposer, TableVerifier(table), Meter())
+    assert proposer.drawn[next(n["id"] for n in result.tree["nodes"] if path_of(result, n) == "a")] == 2
+    assert result.answer == "b" and result.score == .9  # the best finished, found in round 1
+    assert sorted(c["answer"] for c in result.candidates) == ["abb", "b"]
+    assert proposer.live == set()
+
+
+def test_beam_of_width_one_and_expand_one_follows_the_first_child_to_the_end():
+    proposer = FakeProposer(max_len=4)
+    result = Beam(width=1, expand=1)(PROBLEM, proposer, TableVerifier({}), Meter())
+    assert result.answer == "aaaa"
+    assert proposer.live == set()
+
+
+def test_beam_completes_its_best_open_beam_when_nothing_finished():
+    table = {"a": .2, "b": .7}
+    proposer = FakeProposer(max_len=9)
+    result = Beam(width=2, expand=1, max_depth=1)(PROBLEM, proposer, TableVerifier(table, default=.5), Meter())
+    assert result.answer == "b!"  # b completed in place, then scored (default .5)
+    assert result.score == .5
+    assert proposer.live == set()
+
+
+def test_beam_stops_when_the_budget_cannot_pay_for_another_round():
+    proposer = FakeProposer(max_len=9, step_tokens=10)
+    meter = Meter(ttc.Budget(tokens=5 + 4 * 10 + 4 * 5 + 3))  # prompt, round 1, round 2 at 5 tokens a step, 3
+    result = Beam(width=2, expand=2, max_depth=9)(PROBLEM, proposer, TableVerifier({}), meter)
+    steps = {path_of(result, n): n["tokens"] for n in result.tree["nodes"]}
+    assert len(result.tree["history"]) == 2  # round 3 could give each of 4 children 3 // 4 = 0 tokens
+    assert steps["a"] == 10 and steps["aa"] == 5  # round 2 shrank its steps to what was left
+    assert result.answer == "aa!"  # the last 3 tokens complete the best open beam
+    assert meter.ledger.total_tokens <= meter.budget.tokens
+    assert proposer.live == set()
+
+
+def test_a_selector_that_keeps_fewer_beams_gives_the_survivors_more_children():
+    class KeepOne:
+        def select(self, scored, k, meter):
+            return [scored[0].branch]
+
+    proposer = FakeProposer(max_len=2)
+    result = Beam(width=3, expand=2, selector=KeepOne())(PROBLEM, proposer, TableVerifier({}), Meter())
+    a = next(n for n in result.tree["nodes"] if path_of(result, n) == "a")
+    assert proposer.drawn[a["id"]] == 6  # all 3 slots * 2 children go to the one survivor
+    assert proposer.live == set()
+
+
+# -- DVTS, by hand -----------------------------------------------------------------------------------
+
+
+def test_dvts_selects_within_each_subtree_so_a_weak_subtree_survives():
+    table = {"a": .9, "b": .8, "c": .7, "d": .6, "e": .1, "f": .2, "g": .3, "h": .05}
+    proposer = FakeProposer(max_len=9)
+    dvts = DVTS(width=4, subtrees=2, expand=2, max_depth=1)(PROBLEM, proposer, TableVerifier(table), Meter())
+    kept = sorted(path_of(dvts, n) for n in dvts.tree["nodes"] if n["status"] in ("kept", "chosen")
+                  and n["depth"] == 1)
+    assert kept == ["a", "b", "f", "g"]  # a-d went to subtree 1, e-h to subtree 2
+    assert dvts.answer == "a!" and proposer.live == set()
+
+    proposer = FakeProposer(max_len=9)
+    beam = Beam(width=4, expand=2, max_depth=1)(PROBLEM, proposer, TableVerifier(table), Meter())
+    kept = sorted(path_of(beam, n) for n in beam.tree["nodes"] if n["status"] in ("kept", "chosen")
+                  and n["depth"] == 1)
+    assert kept == ["a", "b", "c", "d"]
+
+
+def test_weighted_dvts_answers_with_the_heaviest_group_of_equal_answers():
+    class Answers(FakeProposer):
+        def answer(self, branch):
+            return {"a": "1", "b": "2", "c": "2"}.get(branch.text)
+
+    proposer = Answers(ends={"a", "b", "c"})
+    table = {"a": .9, "b": .5, "c": .6}
+    plain = DVTS(width=3, subtrees=3, expand=1)(PROBLEM, proposer, TableVerifier(table), Meter())
+    proposer = Answers(ends={"a", "b", "c"})
+    weighted = DVTS(width=3, subtrees=3, expand=1, weighted=True)(PROBLEM, proposer, TableVerifier(table), Meter())
+    assert plain.answer == "1"
+    assert weighted.answer == "2" and weighted.score == .6  # 0.5 + 0.6 outweigh 0.9; c is its best member
+
+
+def test_dvts_releases_the_verifier_state_of_every_branch_it_drops():
+    table = {"a": .9, "b": .8, "c": .7, "d": .6}
+    verifier = TableVerifier(table)
+    result = DVTS(width=2, subtrees=2, expand=2, max_depth=1)(PROBLEM, FakeProposer(), verifier, Meter())
+    assert statuses(result) == {"": "root", "a": "kept", "b": "pruned", "c": "kept", "d": "pruned", "a!": "chosen"}
+    assert {n["id"] for n in result.tree["nodes"]} == verifier.released
+
+
+# -- A*, by hand -----------------------------------------------------------------------------------------
+
+
+def test_astar_pops_the_lowest_f_and_answers_with_the_first_finished_branch_popped():
+    table = {"a": .9, "b": .5, "aa": .2, "ab": .6, "aba": .9, "abb": .1}
+    proposer = FakeProposer(max_len=3)
+    result = AStar(expand=2)(PROBLEM, proposer, TableVerifier(table), Meter())
+    assert result.answer == "aba" and result.score == .9
+    expanded = [path_of(result, next(n for n in result.tree["nodes"] if n["id"] == h["expanded"]))
+                for h in result.tree["history"]]
+    assert expanded == ["", "a", "ab"]  # f(ab) = .31 + .51 < f(b) = 1.39 < f(aa) = 2.47
+    assert {p: s for p, s in statuses(result).items() if p} == {"a": "kept", "b": "open", "aa": "open", "ab": "kept",
+                                                               "aba": "chosen", "abb": "open"}
+    assert proposer.live == set()
+
+
+def test_astar_priority_is_mean_step_cost_plus_latest_step_cost():
+    b = Branch(handle=None, scores=(.5, .25))
+    assert AStar(g_weight=2.0, h_weight=3.0).priority(b) == pytest.approx(
+        2.0 * (math.log(2) + math.log(4)) / 2 + 3.0 * math.log(4))
+    assert step_cost(0.0) == step_cost(-1.0) == pytest.approx(-math.log(1e-6))
+
+
+def test_astar_with_a_bounded_frontier_releases_what_it_prunes():
+    table = {"a": .9, "b": .8, "c": .1, "aa": .9, "ab": .2, "aaa": .9}
+    proposer = FakeProposer(max_len=3)
+    result = AStar(expand=3, max_frontier=2)(PROBLEM, proposer, TableVerifier(table, default=.3), Meter())
+    status = statuses(result)
+    assert status["c"] == "pruned" and result.answer == "aaa"
+    assert proposer.live == set()
+
+
+def test_astar_falls_back_to_the_best_open_branch_completed_when_out_of_expansions():
+    table = {"a": .9, "b": .5}
+    proposer = FakeProposer(max_len=9)
+    result = AStar(expand=2, max_expansions=1)(PROBLEM, proposer, TableVerifier(table), Meter())
+    assert result.answer == "a!"
+    assert proposer.live == set()
+
+
+# -- ETS ---------------------------------------------------------------------------------------------------
+
+
+def fake_tree(rng: random.Random, n: int) -> list[Branch]:
+    """n candidates hanging off a random tree of depth up to 3 under one root."""
+    root = Branch(handle=None)
+    nodes = [root]
+    step = Step("s", (1,), 0.0, "step")
+    for _ in range(rng.randint(1, 5)):
+        parent = rng.choice(nodes)
+        if parent.depth < 2:
+            nodes.append(parent.child(None, step, 0, False))
+    return [rng.choice(nodes).child(None, step, 0, False) for _ in range(n)]
+
+
+def brute_force(program: KeepProgram) -> float:
+    n = len(program.values)
+    return max(program.objective(keep) for size in range(1, min(program.k, n) + 1)
+               for keep in itertools.combinations(range(n), size))
+
+
+def test_ets_integer_program_matches_brute_force_on_random_instances():
+    rng = random.Random(0)
+    for trial in range(40):
+        n = rng.randint(1, 8)
+        branches = fake_tree(rng, n)
+        scores = [rng.choice([rng.random(), 0.5]) for _ in range(n)]
+        centres = [rng.randrange(3) for _ in range(n)]
+        program = KeepProgram(values=tuple(keep_values(scores, rng.choice([0.2, 1.0]))),
+                              paths=tuple(path_nodes(b) for b in branches), clusters=tuple(centres),
+                              k=rng.randint(1, n), lambda_kv=rng.choice([0.0, 0.1, 0.5, 1.5]),
+                              lambda_coverage=rng.choice([0.0, 0.5, 2.0]))
+        keep = program.solve()
+        assert 1 <= len(keep) <= program.k
+        assert program.objective(keep) == pytest.approx(brute_force(program), abs=1e-7), trial
+
+
+def test_ets_with_both_lambdas_zero_keeps_exactly_the_top_k():
+    rng = random.Random(1)
+    for _ in range(30):
+        n = rng.randint(1, 10)
+        branches = fake_tree(rng, n)
+        scores = [rng.choice([0.0, 0.5, 1.0, rng.random(), -3.0]) for _ in range(n)]
+        scored = [Scored(b, s) for b, s in zip(branches, scores)]
+        k = rng.randint(1, n + 1)
+        top = TopK().select(scored, k, Meter())
+        program = KeepProgram(values=tuple(keep_values(scores, 0.2)), paths=tuple(path_nodes(b) for b in branches),
+                              clusters=tuple(range(n)), k=k, lambda_kv=0.0, lambda_coverage=0.0)
+        assert [branches[i] for i in program.solve()] == top
+        assert ETSSelector(lambda_kv=0.0, lambda_coverage=0.0).select(scored, k, Meter()) == top
+
+
+def test_ets_prefers_siblings_when_kv_is_dear():
+    root = Branch(handle=None)
+    step = Step("s", (1,), 0.0, "step")
+    a, b = root.child(None, step, 0, False), root.child(None, step, 0, False)
+    a1, a2, b1 = a.child(None, step, 0, False), a.child(None, step, 0, False), b.child(None, step, 0, False)
+    scored = [Scored(a1, .5), Scored(a2, .5), Scored(b1, .52)]
+    assert ETSSelector(lambda_kv=0.0, lambda_coverage=0.0).select(scored, 2, Meter()) == [b1, a1]
+    # {a1, a2}: 2 * 0.966 - 3 nodes * 0.3 = 1.03 beats {b1, a1}: 1.068 + 0.966 - 4 * 0.3 = 0.83
+    assert set(ETSSelector(lambda_kv=0.3, lambda_coverage=0.0).select(scored, 2, Meter())) == {a1, a2}
+
+
+def test_ets_covers_a_second_cluster_when_coverage_is_worth_it():
+    root = Branch(handle=None)
+    step = Step("s", (1,), 0.0, "step")
+    a1, a2, b1 = (root.child(None, step, 0, False) for _ in range(3))
+    vectors = {a1.id: [1.0, 0.0], a2.id: [1.0, 0.01], b1.id: [0.0, 1.0]}
+    embed = lambda branches, meter: [vectors[b.id] for b in branches]  # noqa: E731
+    scored = [Scored(a1, .6), Scored(a2, .59), Scored(b1, .3)]
+    assert ETSSelector(lambda_kv=0.0, lambda_coverage=0.0, embed_fn=embed).select(scored, 2, Meter()) == [a1, a2]
+    assert ETSSelector(lambda_kv=0.0, lambda_coverage=2.0, embed_fn=embed).select(scored, 2, Meter()) == [a1, b1]
+
+
+def test_clusters_group_close_directions_and_leave_missing_embeddings_alone():
+    labels = cluster([np.array([1.0, 0.0]), np.array([2.0, 0.01]), None, np.array([0.0, 1.0]), np.zeros(2)], 0.05)
+    assert labels[0] == labels[1] and len({labels[0], labels[2], labels[3], labels[4]}) == 4
+
+
+# -- configs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,cls", [("beam", Beam), ("dvts", DVTS), ("astar", AStar), ("ets", ETS)])
+def test_each_strategy_config_builds_its_class_without_the_proposer_keys(name, cls):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "strategy" / f"{name}.yaml")
+    assert cfg._target_.startswith("ttc.") and cfg.temperature == 0.8 and cfg.max_tokens == 768
+    for key in ("temperature", "top_p", "max_tokens", "max_step_tokens"):
+        cfg.pop(key, None)
+    strategy = instantiate(cfg)
+    assert type(strategy) is cls
+    assert strategy == cls() if name != "ets" else strategy.selector == ETSSelector()
+
+
+# -- the tiny model: invariants ------------------------------------------------------------------------------
+
+
+class StepHashVerifier:
+    """A deterministic process score in [0, 1) from the latest step's token ids (free)."""
+
+    def score(self, branches, meter):
+        return [((sum(b.steps[-1].token_ids) * 2654435761) % 1000) / 1000 if b.steps else 0.0 for b in branches]
+
+
+class AskingVerifier(StepHashVerifier):
+    """Like StepHashVerifier but pays for 4 tokens of "question" per branch, run on the branch's KV."""
+
+    cost_per_branch = 4.0
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def score(self, branches, meter):
+        self.engine.score([(b.handle, [28, 29, 30, 31]) for b in branches], ledger=meter.ledger)
+        return super().score(branches, meter)
+
+
+def strategies():
+    return {
+        "beam": Beam(width=2, expand=2, max_depth=4),
+        "dvts": DVTS(width=4, subtrees=2, expand=1, max_depth=4),
+        "astar": AStar(expand=3, max_expansions=6),
+        "ets": ETS(width=2, expand=2, max_depth=4),
+        "dvts+ets": DVTS(width=4, subtrees=2, expand=2, max_depth=3, selector=ETSSelector(lambda_kv=0.2)),
+        "astar+ets": AStar(expand=3, max_expansions=6, max_frontier=3, selector=ETSSelector(lambda_kv=0.2)),
+    }
+
+
+def run(model, strategy, budget=None, verifier=None, **proposer_kwargs):
+    from ttc.proposer import LocalProposer
+
+    model.engine.clear_prefix_cache()
+    kwargs = dict(max_step_tokens=6, max_tokens=24, seed=0) | proposer_kwargs
+    proposer = LocalProposer(model, **kwargs)
+    meter = Meter(ttc.Budget(tokens=budget))
+    result = strategy(PROBLEM, proposer, verifier or StepHashVerifier(), meter)
+    return result, meter
+
+
+def pool_is_back(engine) -> bool:
+    return engine.pool.num_free + engine.prefix.num_cached_blocks == engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("name", list(strategies()))
+def test_every_search_holds_its_budget_and_returns_the_kv_pool(tiny_model, name):
+    prompt = len(tiny_model.tokenizer.encode_prompt(PROBLEM.prompt))
+    for extra in (20, 60, 150):
+        for verifier in (None, AskingVerifier(tiny_model.engine)):
+            result, meter = run(tiny_model, strategies()[name], budget=prompt + extra, verifier=verifier)
+            assert meter.ledger.total_tokens <= prompt + extra, (extra, meter.ledger)
+            assert pool_is_back(tiny_model.engine)
+            assert result.text and result.tree["nodes"]
+
+
+@pytest.mark.parametrize("name", list(strategies()))
+def test_the_same_seed_gives_the_same_search(tiny_model, name):
+    first, _ = run(tiny_model, strategies()[name], budget=250)
+    second, _ = run(tiny_model, strategies()[name], budget=250)
+    assert (first.text, first.score, first.ledger.as_dict() | {"wall_s": 0}) == \
+        (second.text, second.score, second.ledger.as_dict() | {"wall_s": 0})
+    strip = lambda tree: [(n["depth"], n["text"], n["score"], n["status"]) for n in tree["nodes"]]  # noqa: E731
+    assert strip(first.tree) == strip(second.tree)
+    assert pool_is_back(tiny_model.engine)
+
+
+def test_beam_of_width_one_equals_greedy_step_search(tiny_model):
+    from ttc.proposer import LocalProposer
+
+    result, _ = run(tiny_model, Beam(width=1, expand=1, max_depth=50), temperature=0.0)
+    tiny_model.engine.clear_prefix_cache()
+    proposer = LocalProposer(tiny_model, max_step_tokens=6, max_tokens=24, temperature=0.0, seed=123)
+    meter = Meter()
+    branch = proposer.start(PROBLEM, meter)
+    while not branch.finished:
+        (child,) = proposer.propose([branch], 1, meter)
+        proposer.release([branch])
+        branch = child
+    proposer.release([branch])
+    assert result.text == branch.text and len(branch.steps) >= 2
+    assert pool_is_back(tiny_model.engine)
+
+
+def test_ets_hidden_embeddings_cost_a_verifier_token_per_step_token_and_equal_steps_share_a_cluster(tiny_model):
+    from ttc.proposer import LocalProposer
+
+    tiny_model.engine.clear_prefix_cache()
+    proposer = LocalProposer(tiny_model, max_step_tokens=5, max_tokens=24, temperature=0.0)
+    meter = Meter()
+    root = proposer.start(PROBLEM, meter)
+    children = proposer.propose([root], 3, meter)  # greedy: three equal steps
+    selector = ETSSelector(lambda_kv=0.0, lambda_coverage=1.0)
+    selector.bind(proposer)
+    before = meter.ledger.verifier_tokens
+    vectors = selector.embed(children, meter)
+    assert meter.ledger.verifier_tokens - before == sum(len(c.steps[-1].token_ids) for c in children)
+    assert vectors[0].shape == (tiny_model.config.hidden_size,)
+    assert cluster(vectors, 0.05) == [0, 0, 0]
+    assert selector.cost_per_token == 1.0 and ETSSelector(lambda_coverage=0.0).cost_per_token == 0.0
+    proposer.release(children + [root])
+    assert pool_is_back(tiny_model.engine)
+
+
+# -- the embedded model on GSM8K (slow) --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield ttc.load("smollm2-135m", threads=1)  # one thread: steady on shared cores, and fast enough here
+    torch.set_num_threads(threads)
+
+
+class MeanLogprobVerifier:
+    """exp(mean token logprob) of the latest step: the step's geometric-mean token probability (free)."""
+
+    def score(self, branches, meter):
+        return [math.exp(b.steps[-1].logprob / max(1, len(b.steps[-1].token_ids))) if b.steps else 0.0
+                for b in branches]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [Beam(width=4, expand=4), DVTS(width=8, subtrees=4, expand=2),
+                                      AStar(expand=8), ETS(width=4, expand=4)], ids=["beam", "dvts", "astar", "ets"])
+def test_each_search_solves_gsm8k_problems_on_the_embedded_model_within_budget(embedded, strategy):
+    from ttc.proposer import LocalProposer
+
+    if not GSM8K.is_file():
+        pytest.skip(f"{GSM8K} is missing")
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:2]]
+    for i, row in enumerate(rows):
+        embedded.engine.clear_prefix_cache()
+        problem = Problem(id=f"gsm8k-{i}", prompt=[{"role": "user", "content": row["question"]}])
+        proposer = LocalProposer(embedded, max_step_tokens=64, max_tokens=200, seed=0)
+        meter = Meter(ttc.Budget(tokens=1500))
+        result = strategy(problem, proposer, MeanLogprobVerifier(), meter)
+        assert meter.ledger.total_tokens <= 1500
+        assert pool_is_back(embedded.engine)
+        assert result.text and result.score is not None and 0.0 <= result.score <= 1.0
+        assert result.strategy == {Beam: "beam", DVTS: "dvts", AStar: "astar", ETS: "ets"}[type(strategy)]
+        assert sum(n["status"] == "chosen" for n in result.tree["nodes"]) == 1
+        assert result.as_record()["id"] == problem.id
