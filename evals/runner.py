@@ -29,7 +29,7 @@ from pathlib import Path
 from ttc.budget import Budget, BudgetExceeded, Ledger
 from ttc.decoder import PromptTooLong
 from ttc.evals import metrics
-from ttc.evals.build import build_dataset, eval_split, instantiate, load_model, locate, split_strategy
+from ttc.evals.build import ConfigError, build_dataset, eval_split, instantiate, load_model, locate, split_strategy
 from ttc.evals.datasets import Dataset
 from ttc.graph import Problem
 from ttc.proposer import LocalProposer
@@ -114,9 +114,23 @@ def _json_default(value):
 # --- one problem --------------------------------------------------------------------------------
 
 def solve_one(problem: Problem, dataset: Dataset, model, strategy, proposer_kwargs: dict, verifier,
-              budget_cfg: dict, seed: int) -> dict:
-    """Solve one problem and return its record (graded, with graded candidates)."""
+              budget_cfg: dict, seed: int, allocator=None, pool=None) -> dict:
+    """Solve one problem and return its record (graded, with graded candidates).
+
+    With an allocator (ttc.allocation), the problem's budget comes from the dataset-wide `pool`
+    and the record also holds `allocation` (its name) and `given_tokens` (the cap it was given)."""
     proposer = LocalProposer(model, seed=seed, answer_fn=dataset.extract, **proposer_kwargs)
+    if allocator is not None:
+        ledger = Ledger()
+        try:
+            result, given = allocator.solve(problem, proposer, verifier, strategy, pool, ledger=ledger)
+            record = _record(problem, result, dataset=dataset)
+        except (BudgetExceeded, PromptTooLong) as e:
+            log.warning("problem %s: %s", problem.id, e)
+            given = allocator.last_given
+            record = _record(problem, None, ledger=ledger, error=f"{type(e).__name__}: {e}")
+        record.update(allocation=allocator.name, given_tokens=given)
+        return record
     budget = instantiate(budget_cfg, "budget") if budget_cfg.get("_target_") else Budget(**budget_cfg)
     ledger = Ledger()
     try:
@@ -199,6 +213,9 @@ def run_eval(cfg: dict, out_dir: str | os.PathLike, names: dict | None = None) -
                "run_wall_s": time.perf_counter() - started, "out_dir": str(out_dir)}
     if "n" in cfg["strategy"]:
         summary["n"] = cfg["strategy"]["n"]
+    if (cfg.get("allocation") or {}).get("_target_") is not None:
+        summary["allocation"] = names.get("allocation") or getattr(locate(cfg["allocation"]["_target_"]), "name", None)
+        summary["given_tokens"] = sum(int(r.get("given_tokens") or 0) for r in records)
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     if dataset.skipped:
         (out_dir / "skipped_rows.txt").write_text("\n".join(dataset.skipped) + "\n")
@@ -217,6 +234,8 @@ def _solve_all(cfg: dict, dataset: Dataset, todo: list[Problem], done: dict, new
             spec = split_strategy(cfg["strategy"])
             strategy = instantiate(spec.config, "strategy", model=model)
             verifier = build_verifier(cfg, model, names)  # may train a probe first
+            allocator, pool = build_allocation(cfg, model, dataset, done, spec, verifier)
+            extra = {"allocator": allocator, "pool": pool} if allocator is not None else {}
             seed = int(cfg.get("seed", 0))
             # Every run starts with a cold prefix cache, so that its compute does not depend on which
             # jobs of a sweep (or which probe training) ran before it in this process.
@@ -230,7 +249,8 @@ def _solve_all(cfg: dict, dataset: Dataset, todo: list[Problem], done: dict, new
                        disable=not cfg.get("progress", True), dynamic_ncols=True)
             for problem in todo:
                 try:
-                    record = solve_one(problem, dataset, model, strategy, spec.proposer, verifier, cfg["budget"], seed)
+                    record = solve_one(problem, dataset, model, strategy, spec.proposer, verifier, cfg["budget"], seed,
+                                       **extra)
                 except KeyboardInterrupt:
                     raise
                 except Exception as e:
@@ -293,6 +313,45 @@ def build_verifier(cfg: dict, model, names: dict):
     return instantiate(node, "verifier", model=model)
 
 
+def build_allocation(cfg: dict, model, dataset: Dataset, done: dict, spec, verifier):
+    """(allocator, pool) for `allocation=<name>`, or (None, None) for `allocation=none`.
+
+    The pool holds `allocation.total_tokens` (default: budget.tokens x problems) and is rebuilt from
+    the finished records, so a resumed run goes on with what is left. A Difficulty allocator with
+    `train` and no table fits its table first on the dataset's training split (never evaluated).
+    """
+    node = dict(cfg.get("allocation") or {})
+    total = node.pop("total_tokens", None)
+    if node.get("_target_") is None:
+        return None, None
+    allocator = instantiate(node, "allocation", model=model)
+    if total is None:
+        per_problem = (cfg.get("budget") or {}).get("tokens")
+        if per_problem is None:
+            raise ConfigError("an allocation needs a token total: set allocation.total_tokens or budget.tokens")
+        total = int(per_problem) * len(dataset)
+    from ttc.allocation import Pool
+
+    ids = {p.id for p in dataset.problems}
+    pool = Pool.from_records(int(total), len(dataset), (r for r in done.values() if r["id"] in ids))
+    train = getattr(allocator, "train", None)
+    if train and not (cfg["allocation"].get("table")):
+        from ttc.allocation import fit_table
+        from ttc.evals.build import train_split
+
+        train = dict(train)
+        problems = build_dataset(train_split(cfg["dataset"]))
+        proposer_factory = lambda: LocalProposer(model, seed=int(cfg.get("seed", 0)), answer_fn=problems.extract,  # noqa: E731
+                                                 **spec.proposer)
+        allocator.table = fit_table(problems.problems[: int(train.get("problems", 16))], proposer_factory,
+                                    problems.grade, verifier=verifier,
+                                    tokens_per_problem=int(train.get("tokens_per_problem") or pool.total // pool.problems),
+                                    first_pass=allocator.first_pass, round_size=allocator.round_size,
+                                    max_samples=allocator.max_samples)
+        log.info("difficulty table fitted on %d training problems: %s", len(problems), allocator.table)
+    return allocator, pool
+
+
 # --- resumption safety ------------------------------------------------------------------------
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -306,6 +365,8 @@ def _flatten(node, prefix: str = "") -> dict:
 
 def _check_resumable(cfg: dict, info_path: Path, has_records: bool) -> None:
     """Refuse to add records made with another config to a folder's records; remember this config."""
+    if (cfg.get("allocation") or {}).get("_target_") is None:  # allocation=none: folders from before it existed
+        cfg = {k: v for k, v in cfg.items() if k != "allocation"}
     fixed = {k: v for k, v in _flatten(cfg).items() if k not in RESUMABLE_CHANGES}
     fingerprint = hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
     if info_path.is_file() and has_records:  # without records, a run that failed to start left it: replace it

@@ -1,0 +1,419 @@
+"""Allocation: how a dataset-wide token budget is split across problems (DESIGN.md, Budget).
+
+    pool = Pool(total=8192 * len(problems), problems=len(problems))
+    allocator = AdaptiveStop(round_size=2, max_samples=16)
+    for problem in problems:
+        result, given = allocator.solve(problem, proposer, verifier, strategy, pool)
+
+A `Pool` holds the dataset's tokens. Every allocator asks it for a per-problem cap (never more than
+what is left), runs the problem under `Budget(tokens=cap)` (so the problem's ledger never exceeds
+the cap), and charges the pool what the ledger shows as spent. Hence the sum of the per-problem
+ledgers' `total_tokens` never exceeds `pool.total`. The pool's state is a pure function of the
+finished records (`Pool.from_records`), so a resumed run continues where it stopped.
+
+Allocators (plain objects; also Hydra `_target_`s in configs/allocation/):
+- `Uniform`: total / problems for every problem; what a problem leaves unspent is not passed on
+  (the fixed-budget baseline), and the configured strategy runs under that budget.
+- `AdaptiveStop`: samples whole solutions in rounds and stops once the vote is decided; what it
+  leaves unspent returns to the pool, so later problems' fair share grows.
+- `Difficulty`: a cheap first pass estimates difficulty (vote agreement, and verifier scores when
+  there is a verifier) and a small table says, per band, how to continue and how much to allow;
+  `fit_table` learns that table on training problems.
+
+Every `solve(problem, proposer, verifier, strategy, pool, ledger=None)` returns `(Result, given_tokens)`
+and charges the pool (also when the problem fails: the ledger's work is charged all the same);
+`last_given` holds the cap of the latest problem, for the records of failed problems.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from ttc.budget import Budget, BudgetExceeded, Ledger
+from ttc.graph import Meter, Problem
+from ttc.result import Result, Tree
+
+__all__ = ["Pool", "PoolOverdrawn", "Uniform", "AdaptiveStop", "Difficulty", "DEFAULT_TABLE", "fit_table",
+           "record_tokens", "BANDS"]
+
+LEDGER_TOKEN_FIELDS = ("prefill_tokens", "generated_tokens", "verifier_tokens")  # Ledger.total_tokens
+
+
+class PoolOverdrawn(RuntimeError):
+    """A problem spent more than the pool held (a bug: every problem runs under a cap the pool can pay)."""
+
+
+def record_tokens(record: dict) -> int:
+    """The computed tokens a results.jsonl record spent (its ledger's total_tokens)."""
+    return int(sum(int(record.get(k) or 0) for k in LEDGER_TOKEN_FIELDS))
+
+
+@dataclass
+class Pool:
+    """A dataset-wide token budget: `total` tokens for `problems` problems; `spent` and `done` so far."""
+
+    total: int
+    problems: int
+    spent: int = 0
+    done: int = 0
+    # Every problem after this one keeps at least this fraction of the uniform share, so generous
+    # early problems cannot starve the last ones (found on the tiny model with cap_factor 3).
+    reserve_fraction: float = 0.25
+
+    def __post_init__(self):
+        if self.total is None or self.total < 0:
+            raise ValueError(f"a pool needs a non-negative total of tokens, got {self.total!r}")
+        if self.problems < 1:
+            raise ValueError(f"a pool is for at least one problem, got {self.problems!r}")
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.spent)
+
+    @property
+    def left(self) -> int:
+        """Problems not yet charged."""
+        return max(0, self.problems - self.done)
+
+    def fair_share(self) -> int:
+        """What is left, split evenly over the problems left (grows when earlier problems spent less)."""
+        return self.remaining // max(1, self.left)
+
+    def grant(self, tokens: float) -> int:
+        """A cap of `tokens`, cut to what is left after reserving the later problems' minimum shares:
+        an allocation never exceeds the pool and never eats into what the problems after it need."""
+        floor_share = int(self.reserve_fraction * self.total / self.problems)
+        reserved = max(0, self.left - 1) * floor_share
+        return int(max(0, min(int(tokens), self.remaining - reserved)))
+
+    def charge(self, tokens: int) -> None:
+        """One problem finished having spent `tokens` (its ledger's total_tokens)."""
+        tokens = int(tokens)
+        if tokens > self.remaining:
+            raise PoolOverdrawn(f"a problem spent {tokens} tokens with only {self.remaining} of {self.total} left")
+        self.spent += tokens
+        self.done += 1
+
+    @classmethod
+    def from_records(cls, total: int, problems: int, records: Iterable[dict]) -> "Pool":
+        """The pool as it stands after the finished `records` (results.jsonl records with ledger fields)."""
+        pool = cls(total=int(total), problems=int(problems))
+        for record in records:
+            pool.charge(record_tokens(record))
+        return pool
+
+
+# --- shared machinery --------------------------------------------------------------------------
+
+class _Allocator:
+    name = "allocator"
+    last_given: int = 0
+
+    def _run(self, problem: Problem, pool: Pool, ledger: Ledger | None, cap: int, body) -> tuple[Result, int]:
+        """Run `body(meter)` under `Budget(tokens=cap)`; charge the pool what the ledger spent, always."""
+        self.last_given = cap
+        meter = Meter(Budget(tokens=cap), ledger)
+        started = time.perf_counter()
+        try:
+            result = body(meter)
+        finally:
+            meter.ledger.wall_s += time.perf_counter() - started
+            self.last_given = int(meter.budget.tokens)  # body may raise the cap (Difficulty)
+            pool.charge(meter.ledger.total_tokens)
+        return result, self.last_given
+
+
+def _sample_rounds(proposer, root, meter: Meter, verifier, samples: list, answers: list, scores: list,
+                   round_size: int, max_samples: int, confidence: float | None, tree: Tree, rounds_done: int = 0) -> str:
+    """Draw rounds of `round_size` whole solutions from `root` into samples/answers/scores, voting after
+    each, until the vote is decided, the leader's share reaches `confidence` (after at least 2 rounds),
+    `max_samples` are drawn, or the meter cannot pay another round. Returns why it stopped."""
+    from ttc.search.common import score_or_zero, verifier_cost
+    from ttc.verifiers.vote import vote
+
+    if verifier is not None:
+        meter.verifier_cost = verifier_cost(verifier)
+    cost_per_sample = _cost_per_sample(tree)
+    rounds = rounds_done
+    while True:
+        if samples:
+            v = vote(answers)
+            ranked = sorted(v.counts.values(), reverse=True)
+            leader, runner_up = (ranked + [0, 0])[:2]
+            left = max_samples - len(samples)
+            if leader - runner_up > left:
+                return "decided"
+            if confidence is not None and rounds >= 2 and leader / len(samples) >= confidence:
+                return "confident"
+            if left <= 0:
+                return "max_samples"
+        n = min(round_size, max_samples - len(samples))
+        if n < 1:
+            return "max_samples"
+        if cost_per_sample and meter.affordable_tokens() < n * cost_per_sample:
+            return "cap"
+        before = meter.ledger.total_tokens
+        new = proposer.propose([root], n, meter, to_end=True)
+        if not new:
+            return "cap"
+        new_scores = score_or_zero(verifier, new, meter) if verifier is not None else [None] * len(new)
+        rounds += 1
+        spent = meter.ledger.total_tokens - before
+        cost_per_sample = max(cost_per_sample, math.ceil(spent / len(new)))
+        for b, s in zip(new, new_scores):
+            tree.add(b, score=s, status="final")
+        samples.extend(new)
+        answers.extend(proposer.answer(b) for b in new)
+        scores.extend(new_scores)
+        tree.history.append({"round": rounds, "samples": len(samples), "tokens": meter.ledger.total_tokens,
+                             "cost_per_sample": cost_per_sample,
+                             "votes": sorted(vote(answers).counts.values(), reverse=True)})
+        if len(new) < n:  # the budget could pay only part of the round
+            return "cap"
+
+
+def _cost_per_sample(tree: Tree) -> int:
+    return max((h.get("cost_per_sample", 0) for h in tree.history), default=0)
+
+
+def _vote_result(name: str, problem: Problem, proposer, meter: Meter, tree: Tree, samples: list, answers: list,
+                 scores: list, by_score: bool = False) -> Result:
+    """A Result like self-consistency's: candidates with votes, the winner's first sample chosen.
+    by_score: best-of-n's choice (the highest verifier score) instead of the vote."""
+    from ttc.search.common import finish
+    from ttc.verifiers.vote import vote
+
+    v = vote(answers)
+    candidates = [{"answer": answers[v.groups.index(g)], "votes": c} for g, c in v.counts.items()]
+    if by_score and samples and any(s is not None for s in scores):
+        best = max(range(len(samples)), key=lambda i: scores[i] if scores[i] is not None else -math.inf)
+        for c, g in zip(candidates, v.counts):
+            c["score"] = max((s for s, h in zip(scores, v.groups) if h == g and s is not None), default=None)
+        return finish(name, problem, proposer, meter, tree, samples[best], scores[best], candidates)
+    if v.winner is None:
+        return finish(name, problem, proposer, meter, tree, samples[0] if samples else None, None, candidates)
+    share = v.counts[v.groups[v.winner]] / len(samples)
+    return finish(name, problem, proposer, meter, tree, samples[v.winner], share, candidates)
+
+
+# --- the allocators ----------------------------------------------------------------------------
+
+@dataclass
+class Uniform(_Allocator):
+    """The fixed-budget baseline: every problem gets total / problems tokens and runs the configured
+    strategy under that budget; tokens a problem leaves unspent are not given to later problems."""
+
+    name = "uniform"
+
+    def share(self, pool: Pool) -> int:
+        return pool.total // pool.problems
+
+    def solve(self, problem: Problem, proposer, verifier, strategy, pool: Pool,
+              ledger: Ledger | None = None) -> tuple[Result, int]:
+        return self._run(problem, pool, ledger, pool.grant(self.share(pool)),
+                         lambda meter: strategy(problem, proposer, verifier, meter))
+
+
+@dataclass
+class AdaptiveStop(_Allocator):
+    """Sample whole solutions `round_size` at a time from one root (its prompt prefilled once) and vote
+    after each round; stop once the leader cannot be overtaken by the samples still allowed
+    (leader - runner-up > max_samples - drawn), or the leader's share reaches `confidence` (if set)
+    after at least 2 rounds, or the problem's cap, min(fair share x cap_factor, what is left), cannot
+    pay another round. What is left unspent returns to the pool. The strategy argument is not used."""
+
+    round_size: int = 2
+    max_samples: int = 16
+    confidence: float | None = None
+    cap_factor: float = 4.0
+    name = "adaptive_stop"
+
+    def solve(self, problem: Problem, proposer, verifier, strategy, pool: Pool,
+              ledger: Ledger | None = None) -> tuple[Result, int]:
+        cap = pool.grant(pool.fair_share() * self.cap_factor)
+
+        def body(meter: Meter) -> Result:
+            tree = Tree()
+            root = proposer.start(problem, meter)
+            tree.add(root, status="root")
+            samples, answers, scores = [], [], []
+            try:
+                why = _sample_rounds(proposer, root, meter, verifier, samples, answers, scores, self.round_size,
+                                     self.max_samples, self.confidence, tree)
+                tree.history.append({"stopped": why})
+                return _vote_result(self.name, problem, proposer, meter, tree, samples, answers, scores)
+            finally:
+                proposer.release([root, *samples])
+
+        return self._run(problem, pool, ledger, cap, body)
+
+
+BANDS = ("easy", "medium", "hopeless")
+
+# The default table (not fitted; a reasonable prior): easy and hopeless problems answer after the first
+# pass and return the rest of their share to the pool; medium problems continue by adaptive stopping
+# with twice AdaptiveStop's default cap. Replace it with `fit_table(...)` on training problems.
+DEFAULT_TABLE: dict[str, dict] = {
+    "easy": {"strategy": "self_consistency", "cap_factor": 0.0},
+    "medium": {"strategy": "self_consistency", "cap_factor": 8.0},
+    "hopeless": {"strategy": "self_consistency", "cap_factor": 0.0},
+}
+STRATEGIES = ("self_consistency", "best_of_n")
+
+
+@dataclass
+class Difficulty(_Allocator):
+    """Difficulty-aware allocation (after "Scaling LLM Test-Time Compute Optimally").
+
+    A first pass of `first_pass` whole solutions, under the fair share, gives the band:
+      - hopeless: no extractable answer, or every answer different while the verifier's best score is
+        below `hopeless_score` (without a verifier, all-different counts as hopeless);
+      - easy: every sample answers and all answers agree (and, with a verifier, their mean score is at
+        least `easy_score`);
+      - medium: the rest.
+    The band's table entry {"strategy", "cap_factor"} says how to go on: the cap becomes
+    min(fair share x cap_factor, what is left) (0: answer now), and rounds of `round_size` samples
+    continue with adaptive stopping; "self_consistency" answers by the vote, "best_of_n" by the
+    verifier's best score (the vote without a verifier). `table` defaults to DEFAULT_TABLE;
+    `train` ({"problems": 16, "tokens_per_problem": null}) asks the eval runner to fit the table on the
+    dataset's training split (never the evaluated problems) with `fit_table` before the run.
+    """
+
+    first_pass: int = 4
+    table: dict | None = None
+    round_size: int = 2
+    max_samples: int = 16
+    confidence: float | None = None
+    easy_score: float = 0.5
+    hopeless_score: float = 0.3
+    train: dict | None = None
+    name = "difficulty"
+    last_band: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        table = {**DEFAULT_TABLE, **(self.table or {})}
+        for band, entry in table.items():
+            if band not in BANDS or entry.get("strategy") not in STRATEGIES or float(entry.get("cap_factor", -1)) < 0:
+                raise ValueError(f"difficulty table entry {band}: {entry!r}; bands are {BANDS}, strategies "
+                                 f"{STRATEGIES}, cap_factor >= 0")
+        self.table = {b: {"strategy": e["strategy"], "cap_factor": float(e["cap_factor"])} for b, e in table.items()}
+
+    def band(self, answers: list[str | None], scores: list[float | None] | None = None) -> str:
+        """easy / medium / hopeless from the first pass's answers (and verifier scores, if any)."""
+        from ttc.verifiers.vote import vote
+
+        v = vote(answers)
+        scored = [s for s in (scores or []) if s is not None]
+        if v.winner is None:
+            return "hopeless"
+        if len(v.counts) == 1 and all(g >= 0 for g in v.groups):
+            if not scored or sum(scored) / len(scored) >= self.easy_score:
+                return "easy"
+            return "medium"
+        if len(answers) > 1 and all(c == 1 for c in v.counts.values()) and len(v.counts) == len(answers):
+            if not scored or max(scored) < self.hopeless_score:
+                return "hopeless"
+        return "medium"
+
+    def solve(self, problem: Problem, proposer, verifier, strategy, pool: Pool,
+              ledger: Ledger | None = None) -> tuple[Result, int]:
+        share = pool.fair_share()
+        first_cap = pool.grant(share)
+
+        def body(meter: Meter) -> Result:
+            from ttc.search.common import score_or_zero, verifier_cost
+
+            tree = Tree()
+            if verifier is not None:
+                meter.verifier_cost = verifier_cost(verifier)
+            root = proposer.start(problem, meter)
+            tree.add(root, status="root")
+            samples: list = []
+            try:
+                before = meter.ledger.total_tokens
+                samples = proposer.propose([root], self.first_pass, meter, to_end=True)
+                scores = score_or_zero(verifier, samples, meter) if verifier is not None else [None] * len(samples)
+                answers = [proposer.answer(b) for b in samples]
+                for b, s in zip(samples, scores):
+                    tree.add(b, score=s, status="final")
+                band = self.last_band = self.band(answers, scores)
+                entry = self.table[band]
+                cost = math.ceil((meter.ledger.total_tokens - before) / len(samples)) if samples else 0
+                tree.history.append({"round": 1, "band": band, "samples": len(samples), "cost_per_sample": cost,
+                                     "tokens": meter.ledger.total_tokens, **entry})
+                cap = pool.grant(share * entry["cap_factor"])
+                if cap > meter.budget.tokens:
+                    meter.budget = Budget(tokens=cap)
+                why = "answered"
+                if entry["cap_factor"] > 0 and samples:
+                    why = _sample_rounds(proposer, root, meter, verifier, samples, answers, scores, self.round_size,
+                                         self.max_samples, self.confidence, tree, rounds_done=1)
+                tree.history.append({"stopped": why})
+                return _vote_result(self.name, problem, proposer, meter, tree, samples, answers, scores,
+                                    by_score=entry["strategy"] == "best_of_n" and verifier is not None)
+            finally:
+                proposer.release([root, *samples])
+
+        self.last_band = None
+        return self._run(problem, pool, ledger, first_cap, body)
+
+
+# --- learning the table ------------------------------------------------------------------------
+
+DEFAULT_OPTIONS = tuple({"strategy": s, "cap_factor": f} for s in STRATEGIES for f in (0.0, 2.0, 4.0, 8.0))
+
+
+def accuracy_per_token(accuracy: float, mean_tokens: float) -> float:
+    return accuracy / max(1.0, mean_tokens)
+
+
+def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, str | None], bool], verifier=None,
+              tokens_per_problem: int = 4096, options: Iterable[dict] | None = None,
+              objective: Callable[[float, float], float] = accuracy_per_token, **difficulty_kwargs) -> dict:
+    """Learn Difficulty's table on TRAINING problems (never the evaluated ones).
+
+    Every option ({"strategy", "cap_factor"}; default: both strategies x cap factors 0, 2, 4, 8, and
+    best_of_n only with a verifier) is tried on every problem, as if the problem were early in a run
+    whose fair share is `tokens_per_problem`; each band keeps the option with the best
+    `objective(accuracy, mean computed tokens)` over that band's problems (default: accuracy per
+    token; ties: the more accurate, then the cheaper). Bands no training problem fell in keep
+    DEFAULT_TABLE's entry. proposer: a proposer, or a callable returning a fresh one per problem.
+    grade_fn(problem, answer) -> bool. Returns the table; `fit_table.last_stats` holds the trials.
+    """
+    from ttc.decoder import PromptTooLong
+
+    options = [dict(o) for o in (options or DEFAULT_OPTIONS)
+               if verifier is not None or o["strategy"] != "best_of_n"]
+    horizon = int(math.ceil(max(o["cap_factor"] for o in options))) + 1
+    make = proposer if not hasattr(proposer, "start") else (lambda: proposer)
+    stats: dict[str, dict[int, list[tuple[bool, int]]]] = {b: {} for b in BANDS}
+    for problem in problems:
+        for i, option in enumerate(options):
+            allocator = Difficulty(table={b: option for b in BANDS}, **difficulty_kwargs)
+            pool = Pool(total=tokens_per_problem * horizon, problems=horizon)
+            ledger = Ledger()
+            try:
+                result, _ = allocator.solve(problem, make(), verifier, None, pool, ledger=ledger)
+                correct = bool(grade_fn(problem, result.answer))
+            except (BudgetExceeded, PromptTooLong):  # the option cannot attempt this problem
+                correct = False
+            band = allocator.last_band or "hopeless"
+            stats[band].setdefault(i, []).append((correct, ledger.total_tokens))
+    table = {b: dict(e) for b, e in DEFAULT_TABLE.items()}
+    for band, by_option in stats.items():
+        if not by_option:
+            continue
+
+        def key(i):
+            trials = by_option[i]
+            acc = sum(c for c, _ in trials) / len(trials)
+            tokens = sum(t for _, t in trials) / len(trials)
+            return (objective(acc, tokens), acc, -tokens)
+
+        table[band] = dict(options[max(by_option, key=key)])
+    fit_table.last_stats = {b: {options[i]["strategy"] + f"x{options[i]['cap_factor']:g}": v for i, v in d.items()}
+                            for b, d in stats.items()}
+    return table
