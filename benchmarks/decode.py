@@ -69,14 +69,16 @@ def run_llama_cpp(llm, ids: list[int], n: int) -> dict | None:
     return {"tok_s": made / wall, "prefill": len(ids), "kv": None}
 
 
-def llama_cpp_works() -> tuple[bool, str]:
+def llama_cpp_works(ids: list[int]) -> tuple[bool, str]:
     """Probe llama-cpp-python in a child process: a broken build segfaults, which must not end this run."""
     import subprocess
     import sys
 
-    probe = ("from llama_cpp import Llama; import sys; "
-             f"llm = Llama(model_path={str(resolve('smollm2-135m').path)!r}, n_ctx=64, verbose=False); "
-             "next(iter(llm.generate(llm.tokenize(b'Hi'), temp=0.0)))")
+    # the benchmark's own prompt and length: the build seen here decodes a 1-token prompt but
+    # segfaults on a multi-token one (its batched prompt path)
+    probe = ("from llama_cpp import Llama; import itertools; "
+             f"llm = Llama(model_path={str(resolve('smollm2-135m').path)!r}, n_ctx=512, verbose=False); "
+             f"list(itertools.islice(llm.generate({list(ids)!r}, temp=0.0), {NEW_TOKENS}))")
     try:
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120)
     except subprocess.TimeoutExpired:
@@ -85,7 +87,7 @@ def llama_cpp_works() -> tuple[bool, str]:
         return True, ""
     if b"ModuleNotFoundError" in done.stderr:
         return False, "llama-cpp-python is not installed"
-    return False, f"llama-cpp-python crashed in a one-token probe (exit {done.returncode})"
+    return False, f"llama-cpp-python crashed in a {NEW_TOKENS}-token probe (exit {done.returncode})"
 
 
 def machine() -> str:
@@ -130,7 +132,7 @@ def main() -> None:
         del hf
         gc.collect()
     notes = []
-    llama_ok, why = llama_cpp_works()
+    llama_ok, why = llama_cpp_works(ids)
     if llama_ok:
         from llama_cpp import Llama
 
