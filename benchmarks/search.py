@@ -23,8 +23,6 @@ import datetime
 import gc
 import json
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from ttc.proposer import LocalProposer
 from ttc.search.beam import Beam
 from ttc.search.dvts import DVTS
 from ttc.search.ets import ETS
+from decode import machine  # noqa: E402  (the sibling script; one description of the machine)
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -93,18 +92,6 @@ def run(model, proposer_cls, strategy, problems, args) -> dict:
         cached = engine.prefix.num_cached_blocks if engine.prefix is not None else 0
         assert engine.pool.num_free + cached == engine.pool.num_blocks, "KV blocks leaked"
     return {"ledger": ledger, "nodes": nodes}
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def table(rows: dict) -> str:
