@@ -19,6 +19,9 @@ import pytest
 import ttc
 from ttc.graph import Branch, Meter, Problem, Scored, Step
 from ttc.search.astar import AStar, step_cost
+from ttc.search.best_of_n import BestOfN
+from ttc.search.greedy import GreedyDecoding
+from ttc.search.self_consistency import SelfConsistency
 from ttc.search.beam import Beam, TopK
 from ttc.search.dvts import DVTS
 from ttc.search.ets import ETS, ETSSelector, KeepProgram, cluster, keep_values, path_nodes
@@ -512,3 +515,26 @@ def test_each_search_solves_gsm8k_problems_on_the_embedded_model_within_budget(e
         assert result.strategy == {Beam: "beam", DVTS: "dvts", AStar: "astar", ETS: "ets"}[type(strategy)]
         assert sum(n["status"] == "chosen" for n in result.tree["nodes"]) == 1
         assert result.as_record()["id"] == problem.id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [BestOfN(n=4), BestOfN(n=4, weighted=True), SelfConsistency(n=4),
+                                      GreedyDecoding()], ids=["best_of_n", "weighted_best_of_n",
+                                                              "self_consistency", "greedy"])
+def test_each_sampling_strategy_solves_gsm8k_problems_on_the_embedded_model_within_budget(embedded, strategy):
+    from ttc.proposer import LocalProposer
+
+    if not GSM8K.is_file():
+        pytest.skip(f"{GSM8K} is missing")
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:2]]
+    for i, row in enumerate(rows):
+        embedded.engine.clear_prefix_cache()
+        problem = Problem(id=f"gsm8k-{i}", prompt=[{"role": "user", "content": row["question"]}])
+        proposer = LocalProposer(embedded, max_tokens=160, seed=0)
+        meter = Meter(ttc.Budget(tokens=1500))
+        result = strategy(problem, proposer, MeanLogprobVerifier(), meter)
+        assert meter.ledger.total_tokens <= 1500
+        assert meter.ledger.prefill_tokens == len(embedded.tokenizer.encode_prompt(problem.prompt))  # prompt once
+        assert pool_is_back(embedded.engine)
+        assert result.text and result.as_record()["id"] == problem.id
+        assert sum(n["status"] == "chosen" for n in result.tree["nodes"]) == 1
