@@ -494,10 +494,8 @@ class MeanLogprobVerifier:
                 for b in branches]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", [Beam(width=4, expand=4), DVTS(width=8, subtrees=4, expand=2),
-                                      AStar(expand=8), ETS(width=4, expand=4)], ids=["beam", "dvts", "astar", "ets"])
-def test_each_search_solves_gsm8k_problems_on_the_embedded_model_within_budget(embedded, strategy):
+def _solve_two_gsm8k_problems(embedded, strategy, **proposer_kwargs):
+    """Yield (problem, meter, result) for the first two GSM8K test problems under a 1500-token budget."""
     from ttc.proposer import LocalProposer
 
     if not GSM8K.is_file():
@@ -506,9 +504,16 @@ def test_each_search_solves_gsm8k_problems_on_the_embedded_model_within_budget(e
     for i, row in enumerate(rows):
         embedded.engine.clear_prefix_cache()
         problem = Problem(id=f"gsm8k-{i}", prompt=[{"role": "user", "content": row["question"]}])
-        proposer = LocalProposer(embedded, max_step_tokens=64, max_tokens=200, seed=0)
+        proposer = LocalProposer(embedded, seed=0, **proposer_kwargs)
         meter = Meter(ttc.Budget(tokens=1500))
-        result = strategy(problem, proposer, MeanLogprobVerifier(), meter)
+        yield problem, meter, strategy(problem, proposer, MeanLogprobVerifier(), meter)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [Beam(width=4, expand=4), DVTS(width=8, subtrees=4, expand=2),
+                                      AStar(expand=8), ETS(width=4, expand=4)], ids=["beam", "dvts", "astar", "ets"])
+def test_each_search_solves_gsm8k_problems_on_the_embedded_model_within_budget(embedded, strategy):
+    for problem, meter, result in _solve_two_gsm8k_problems(embedded, strategy, max_step_tokens=64, max_tokens=200):
         assert meter.ledger.total_tokens <= 1500
         assert pool_is_back(embedded.engine)
         assert result.text and result.score is not None and 0.0 <= result.score <= 1.0
@@ -522,17 +527,7 @@ def test_each_search_solves_gsm8k_problems_on_the_embedded_model_within_budget(e
                                       GreedyDecoding()], ids=["best_of_n", "weighted_best_of_n",
                                                               "self_consistency", "greedy"])
 def test_each_sampling_strategy_solves_gsm8k_problems_on_the_embedded_model_within_budget(embedded, strategy):
-    from ttc.proposer import LocalProposer
-
-    if not GSM8K.is_file():
-        pytest.skip(f"{GSM8K} is missing")
-    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:2]]
-    for i, row in enumerate(rows):
-        embedded.engine.clear_prefix_cache()
-        problem = Problem(id=f"gsm8k-{i}", prompt=[{"role": "user", "content": row["question"]}])
-        proposer = LocalProposer(embedded, max_tokens=160, seed=0)
-        meter = Meter(ttc.Budget(tokens=1500))
-        result = strategy(problem, proposer, MeanLogprobVerifier(), meter)
+    for problem, meter, result in _solve_two_gsm8k_problems(embedded, strategy, max_tokens=160):
         assert meter.ledger.total_tokens <= 1500
         assert meter.ledger.prefill_tokens == len(embedded.tokenizer.encode_prompt(problem.prompt))  # prompt once
         assert pool_is_back(embedded.engine)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-from ttc.budget import Budget, BudgetExceeded, Ledger  # noqa: F401 (re-exported)
+from ttc.budget import Budget, Ledger
 
 _ids = itertools.count(1)
 

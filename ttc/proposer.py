@@ -93,7 +93,7 @@ class LocalProposer:
     def _extend(self, parents, handles, seeds, limits, to_end: bool) -> list[Branch]:
         keep = [i for i, m in enumerate(limits) if m > 0]
         if len(keep) < len(handles):  # children the budget cannot extend are dropped at once
-            self.engine.release([h for i, h in enumerate(handles) if i not in set(keep)])
+            self.engine.release([h for h, m in zip(handles, limits) if m <= 0])
             parents, handles, seeds, limits = ([x[i] for i in keep] for x in (parents, handles, seeds, limits))
         outs = self.engine.generate(handles, self.params, limits, stop=None if to_end else list(self.step_stop))
         children = []
