@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 RESULTS, SUMMARY, RUN_INFO = "results.jsonl", "summary.json", "run.json"
 # Keys that may change between a run and its resumption: how many problems, how to treat bad rows,
 # the progress bar, CPU threads and the KV pool's size. Everything else must match.
-RESUMABLE_CHANGES = ("dataset.limit", "dataset.on_error", "progress", "model.threads", "model.kv_cache_gb")
+RESUMABLE_CHANGES = ("dataset.limit", "dataset.on_error", "progress", "model.threads", "model.kv_cache_gb",
+                     "concurrency")
 
 
 class ResumeError(RuntimeError):
@@ -224,18 +225,30 @@ def run_eval(cfg: dict, out_dir: str | os.PathLike, names: dict | None = None) -
 
 def _solve_all(cfg: dict, dataset: Dataset, todo: list[Problem], done: dict, new: dict, results: ResultsFile,
                names: dict) -> bool:
-    """Solve `todo` in order, appending each record; True if stopped by Ctrl-C / SIGTERM."""
+    """Solve `todo`, appending each record as it finishes; True if stopped by Ctrl-C / SIGTERM.
+
+    `concurrency` (default 1) problems are solved at once, each in its own thread, their generation
+    batched together by a ConcurrentEngine (ttc.decoder.concurrent): same records, several times the
+    throughput on one machine. Records are appended in the order problems finish."""
     from tqdm.auto import tqdm
 
     bar = None
+    concurrency = max(1, int(cfg.get("concurrency") or 1))
+    shared = None
     try:
         with _sigterm_as_interrupt():
             model = load_model(cfg["model"])
+            if concurrency > 1:
+                from ttc.decoder.concurrent import ConcurrentEngine, SharedModel
+
+                shared = ConcurrentEngine(model.engine)
+                model = SharedModel(model, shared)
             spec = split_strategy(cfg["strategy"])
             strategy = instantiate(spec.config, "strategy", model=model)
             verifier = build_verifier(cfg, model, names)  # may train a probe first
+            if shared is not None:
+                _share_verifier_engine(verifier, shared)
             allocator, pool = build_allocation(cfg, model, dataset, done, spec, verifier)
-            extra = {"allocator": allocator, "pool": pool} if allocator is not None else {}
             seed = int(cfg.get("seed", 0))
             # Every run starts with a cold prefix cache, so that its compute does not depend on which
             # jobs of a sweep (or which probe training) ran before it in this process.
@@ -247,16 +260,14 @@ def _solve_all(cfg: dict, dataset: Dataset, todo: list[Problem], done: dict, new
             correct = sum(bool(r.get("correct")) for r in done.values() if r["id"] in ids)
             bar = tqdm(total=len(dataset), initial=finished, desc=_label(names), unit="problem",
                        disable=not cfg.get("progress", True), dynamic_ncols=True)
-            for problem in todo:
-                try:
-                    record = solve_one(problem, dataset, model, strategy, spec.proposer, verifier, cfg["budget"], seed,
-                                       **extra)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:
-                    log.error("problem %s failed (%s: %s); %d records are saved in %s, and the run resumes after "
-                              "them", problem.id, type(e).__name__, e, len(done) + len(new), results.path)
-                    raise
+
+            def solve(problem: Problem, allocator) -> dict:
+                extra = {"allocator": allocator, "pool": pool} if allocator is not None else {}
+                return solve_one(problem, dataset, model, strategy, spec.proposer, verifier, cfg["budget"], seed,
+                                 **extra)
+
+            def save(problem: Problem, record: dict) -> None:
+                nonlocal finished, correct
                 results.append(record)
                 new[problem.id] = record
                 finished += 1
@@ -264,6 +275,20 @@ def _solve_all(cfg: dict, dataset: Dataset, todo: list[Problem], done: dict, new
                 bar.update(1)
                 bar.set_postfix(acc=f"{correct / finished:.3f}", tokens=record["prefill_tokens"]
                                 + record["generated_tokens"] + record["verifier_tokens"])
+
+            if shared is None:
+                for problem in todo:
+                    try:
+                        record = solve(problem, allocator)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as e:
+                        _log_failure(problem, e, len(done) + len(new), results)
+                        raise
+                    save(problem, record)
+            else:
+                _solve_concurrently(todo, solve, save, shared, allocator, concurrency,
+                                    lambda problem, e: _log_failure(problem, e, len(done) + len(new), results))
     except KeyboardInterrupt:
         log.warning("interrupted: %d of %d problems are saved in %s; run the same command with "
                     "hydra.run.dir=%s to resume", len(done) + len(new), len(dataset), results.path,
@@ -273,6 +298,79 @@ def _solve_all(cfg: dict, dataset: Dataset, todo: list[Problem], done: dict, new
         if bar is not None:
             bar.close()
     return False
+
+
+def _log_failure(problem: Problem, error: BaseException, saved: int, results: ResultsFile) -> None:
+    log.error("problem %s failed (%s: %s); %d records are saved in %s, and the run resumes after them",
+              problem.id, type(error).__name__, error, saved, results.path)
+
+
+def _share_verifier_engine(verifier, shared) -> None:
+    """A verifier with an engine of its own (a PRM) gets it wrapped too: engines are not thread-safe."""
+    from ttc.decoder.concurrent import ConcurrentEngine
+
+    engine = getattr(verifier, "engine", None)
+    if engine is not None and engine is not shared and not isinstance(engine, ConcurrentEngine):
+        verifier.engine = ConcurrentEngine(engine)
+
+
+def _solve_concurrently(todo: list[Problem], solve, save, shared, allocator, concurrency: int, on_failure) -> None:
+    """`concurrency` worker threads take problems in order; records are saved (by the main thread) as
+    they come. Ctrl-C or a failed problem cancels the engine: the problems in flight stop without a
+    record (they run again on resume) and the exception is raised here once the workers are gone."""
+    import copy
+    import queue
+
+    from ttc.decoder.concurrent import Cancelled
+
+    work: "queue.Queue[Problem]" = queue.Queue()
+    for problem in todo:
+        work.put(problem)
+    outcomes: "queue.Queue[tuple]" = queue.Queue()
+
+    def worker() -> None:
+        own = copy.copy(allocator) if allocator is not None else None  # allocators keep per-problem state
+        while True:
+            try:
+                problem = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                outcomes.put((problem, solve(problem, own), None))
+            except Cancelled:
+                return
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                outcomes.put((problem, None, e))
+                return
+
+    threads = [threading.Thread(target=worker, name=f"ttc-eval-{i}", daemon=True)
+               for i in range(min(concurrency, len(todo)))]
+    for t in threads:
+        t.start()
+    failure: BaseException | None = None
+    try:
+        while any(t.is_alive() for t in threads) or not outcomes.empty():
+            try:
+                problem, record, error = outcomes.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if error is not None:
+                on_failure(problem, error)
+                failure = failure or error
+                shared.cancel(error)
+                continue
+            save(problem, record)
+    except KeyboardInterrupt:
+        shared.cancel()
+        for t in threads:
+            t.join()
+        while not outcomes.empty():  # problems that finished while stopping are kept
+            problem, record, error = outcomes.get_nowait()
+            if error is None:
+                save(problem, record)
+        raise
+    if failure is not None:
+        raise failure
 
 
 @contextlib.contextmanager
@@ -334,6 +432,7 @@ def build_allocation(cfg: dict, model, dataset: Dataset, done: dict, spec, verif
 
     ids = {p.id for p in dataset.problems}
     pool = Pool.from_records(int(total), len(dataset), (r for r in done.values() if r["id"] in ids))
+    pool.concurrency = max(1, int(cfg.get("concurrency") or 1))
     train = getattr(allocator, "train", None)
     if train and not (cfg["allocation"].get("table")):
         from ttc.allocation import fit_table

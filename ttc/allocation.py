@@ -28,6 +28,7 @@ and charges the pool (also when the problem fails: the ledger's work is charged 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -53,7 +54,12 @@ def record_tokens(record: dict) -> int:
 
 @dataclass
 class Pool:
-    """A dataset-wide token budget: `total` tokens for `problems` problems; `spent` and `done` so far."""
+    """A dataset-wide token budget: `total` tokens for `problems` problems; `spent` and `done` so far.
+
+    Problems solved at the same time (the eval runner's `concurrency`) each open a ticket: a grant
+    made under a ticket is held (not available to the others) until the problem is charged, so
+    concurrent caps can never add up to more than the pool. Without tickets (one problem at a time)
+    grants hold nothing. Thread-safe."""
 
     total: int
     problems: int
@@ -62,6 +68,11 @@ class Pool:
     # Every problem after this one keeps at least this fraction of the uniform share, so generous
     # early problems cannot starve the last ones (found on the tiny model with cap_factor 3).
     reserve_fraction: float = 0.25
+    concurrency: int = 1  # problems solved at once (the eval runner's `concurrency`)
+    held: int = field(default=0, init=False)  # caps granted to problems in flight, not yet charged
+    _holds: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # ticket -> cap held
+    _next_ticket: int = field(default=0, init=False, repr=False, compare=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.total is None or self.total < 0:
@@ -71,31 +82,60 @@ class Pool:
 
     @property
     def remaining(self) -> int:
-        return max(0, self.total - self.spent)
+        """Tokens neither spent nor held by a problem in flight."""
+        return max(0, self.total - self.spent - self.held)
 
     @property
     def left(self) -> int:
-        """Problems not yet charged."""
-        return max(0, self.problems - self.done)
+        """Problems neither charged nor in flight."""
+        return max(0, self.problems - self.done - len(self._holds))
 
-    def fair_share(self) -> int:
-        """What is left, split evenly over the problems left (grows when earlier problems spent less)."""
-        return self.remaining // max(1, self.left)
+    def open(self) -> int:
+        """A ticket for a problem about to start (pass it to fair_share, grant and charge)."""
+        with self._lock:
+            self._next_ticket += 1
+            self._holds[self._next_ticket] = 0
+            return self._next_ticket
 
-    def grant(self, tokens: float) -> int:
+    def fair_share(self, ticket: int | None = None) -> int:
+        """What is left, split evenly over the problems left, this one included (grows when earlier
+        problems spent less)."""
+        with self._lock:
+            own = self._holds.get(ticket, 0)
+            return (self.remaining + own) // max(1, self.left + (ticket in self._holds))
+
+    def grant(self, tokens: float, ticket: int | None = None) -> int:
         """A cap of `tokens`, cut to what is left after reserving the later problems' minimum shares:
-        an allocation never exceeds the pool and never eats into what the problems after it need."""
-        floor_share = int(self.reserve_fraction * self.total / self.problems)
-        reserved = max(0, self.left - 1) * floor_share
-        return int(max(0, min(int(tokens), self.remaining - reserved)))
+        an allocation never exceeds the pool and never eats into what the problems after it need.
+        Under a ticket, the problem's hold becomes the larger of its previous hold and this cap."""
+        with self._lock:
+            floor_share = int(self.reserve_fraction * self.total / self.problems)
+            own = self._holds.get(ticket, 0)
+            later = self.left if ticket in self._holds else max(0, self.left - 1)
+            # with other problems in flight, take at most an equal split of what is free (one at a
+            # time, the split is everything), so the first to ask cannot starve the others
+            in_flight_others = len(self._holds) - (ticket in self._holds)
+            split = max(1 + in_flight_others, min(self.concurrency, self.problems - self.done))
+            free = (self.remaining - later * floor_share) // split
+            cap = int(max(0, min(int(tokens), free + own)))
+            if ticket in self._holds and cap > own:
+                self._holds[ticket] = cap
+                self.held += cap - own
+            return cap
 
-    def charge(self, tokens: int) -> None:
-        """One problem finished having spent `tokens` (its ledger's total_tokens)."""
+    def charge(self, tokens: int, ticket: int | None = None) -> None:
+        """One problem finished having spent `tokens` (its ledger's total_tokens); its hold is released."""
         tokens = int(tokens)
-        if tokens > self.remaining:
-            raise PoolOverdrawn(f"a problem spent {tokens} tokens with only {self.remaining} of {self.total} left")
-        self.spent += tokens
-        self.done += 1
+        with self._lock:
+            own = self._holds.get(ticket, 0)
+            if tokens > self.remaining + own:
+                raise PoolOverdrawn(f"a problem spent {tokens} tokens with only {self.remaining + own} of "
+                                    f"{self.total} left")
+            if ticket in self._holds:
+                del self._holds[ticket]
+                self.held -= own
+            self.spent += tokens
+            self.done += 1
 
     @classmethod
     def from_records(cls, total: int, problems: int, records: Iterable[dict]) -> "Pool":
@@ -112,7 +152,8 @@ class _Allocator:
     name = "allocator"
     last_given: int = 0
 
-    def _run(self, problem: Problem, pool: Pool, ledger: Ledger | None, cap: int, body) -> tuple[Result, int]:
+    def _run(self, problem: Problem, pool: Pool, ledger: Ledger | None, cap: int, body,
+             ticket: int | None = None) -> tuple[Result, int]:
         """Run `body(meter)` under `Budget(tokens=cap)`; charge the pool what the ledger spent, always."""
         self.last_given = cap
         meter = Meter(Budget(tokens=cap), ledger)
@@ -122,7 +163,7 @@ class _Allocator:
         finally:
             meter.ledger.wall_s += time.perf_counter() - started
             self.last_given = int(meter.budget.tokens)  # body may raise the cap (Difficulty)
-            pool.charge(meter.ledger.total_tokens)
+            pool.charge(meter.ledger.total_tokens, ticket)
         return result, self.last_given
 
 
@@ -213,8 +254,9 @@ class Uniform(_Allocator):
 
     def solve(self, problem: Problem, proposer, verifier, strategy, pool: Pool,
               ledger: Ledger | None = None) -> tuple[Result, int]:
-        return self._run(problem, pool, ledger, pool.grant(self.share(pool)),
-                         lambda meter: strategy(problem, proposer, verifier, meter))
+        ticket = pool.open()
+        return self._run(problem, pool, ledger, pool.grant(self.share(pool), ticket),
+                         lambda meter: strategy(problem, proposer, verifier, meter), ticket)
 
 
 @dataclass
@@ -233,7 +275,8 @@ class AdaptiveStop(_Allocator):
 
     def solve(self, problem: Problem, proposer, verifier, strategy, pool: Pool,
               ledger: Ledger | None = None) -> tuple[Result, int]:
-        cap = pool.grant(pool.fair_share() * self.cap_factor)
+        ticket = pool.open()
+        cap = pool.grant(pool.fair_share(ticket) * self.cap_factor, ticket)
 
         def body(meter: Meter) -> Result:
             tree = Tree()
@@ -248,7 +291,7 @@ class AdaptiveStop(_Allocator):
             finally:
                 proposer.release([root, *samples])
 
-        return self._run(problem, pool, ledger, cap, body)
+        return self._run(problem, pool, ledger, cap, body, ticket)
 
 
 BANDS = ("easy", "medium", "hopeless")
@@ -320,8 +363,9 @@ class Difficulty(_Allocator):
 
     def solve(self, problem: Problem, proposer, verifier, strategy, pool: Pool,
               ledger: Ledger | None = None) -> tuple[Result, int]:
-        share = pool.fair_share()
-        first_cap = pool.grant(share)
+        ticket = pool.open()
+        share = pool.fair_share(ticket)
+        first_cap = pool.grant(share, ticket)
 
         def body(meter: Meter) -> Result:
             from ttc.search.common import score_or_zero, verifier_cost
@@ -344,7 +388,7 @@ class Difficulty(_Allocator):
                 cost = math.ceil((meter.ledger.total_tokens - before) / len(samples)) if samples else 0
                 tree.history.append({"round": 1, "band": band, "samples": len(samples), "cost_per_sample": cost,
                                      "tokens": meter.ledger.total_tokens, **entry})
-                cap = pool.grant(share * entry["cap_factor"])
+                cap = pool.grant(share * entry["cap_factor"], ticket)
                 if cap > meter.budget.tokens:
                     meter.budget = Budget(tokens=cap)
                 why = "answered"
@@ -358,7 +402,7 @@ class Difficulty(_Allocator):
                 proposer.release([root, *samples])
 
         self.last_band = None
-        return self._run(problem, pool, ledger, first_cap, body)
+        return self._run(problem, pool, ledger, first_cap, body, ticket)
 
 
 # --- learning the table ------------------------------------------------------------------------

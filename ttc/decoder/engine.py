@@ -18,10 +18,11 @@ from ttc.budget import Ledger
 from ttc.kernels import PrefillSeq, plan_decode
 
 from . import cache
-from .cache import KVPool, KVSequence, PoolExhausted, blocks_needed
+from .batch import GenerationBatch
+from .cache import KVPool, KVSequence, PoolExhausted
 from .model import Transformer
 from .prefix import PrefixCache
-from .sampling import BranchRng, SamplingParams, child_seed, sample
+from .sampling import BranchRng, SamplingParams, child_seed
 from .tokenizer import Tokenizer
 
 
@@ -211,62 +212,17 @@ class Engine:
     # ---------------------------------------------------------------------------------------------
     # generation and scoring
 
-    def check_capacity(self, seqs: list[Sequence], max_new_tokens: list[int]) -> None:
-        """Raise PoolExhausted before starting if the worst case cannot fit."""
-        bs = self.pool.block_size
-        need = sum(max(0, blocks_needed(min(len(s.token_ids) + m, self.cfg.max_position), bs) - len(s.kv.blocks))
-                   for s, m in zip(seqs, max_new_tokens))
-        free = self.free_blocks()
-        if need > free:
-            raise PoolExhausted(need, free, self.pool.num_blocks, bs)
-
     def generate(self, seqs: list[Sequence], params: SamplingParams | list[SamplingParams],
                  max_new_tokens: int | list[int], stop: list[str] | tuple[str, ...] | None = None,
                  ignore_eos: bool = False) -> list[Completion]:
-        """Advance every sequence until its own stop string, EOS or token limit; one forward per step."""
-        params = params if isinstance(params, list) else [params] * len(seqs)
-        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(seqs)
-        stop = [s for s in (stop or []) if s]
-        tail_tokens = max((len(s) for s in stop), default=0) + 2  # a stop of m chars spans <= m tokens
-        self.check_capacity(seqs, limits)
-        new = [[] for _ in seqs]
-        lps = [[] for _ in seqs]
-        finish: list[tuple[str, str | None]] = [("length", None)] * len(seqs)
-        active = [i for i in range(len(seqs)) if limits[i] > 0]
-        while active:
-            batch = [seqs[i] for i in active]
-            self.forward([s for s in batch if s.logits is None])
-            logits = torch.stack([s.logits for s in batch])
-            batch_params = [params[i] for i in active]
-            uniforms = [s.rng.uniform() if p.temperature > 0 else 0.0 for s, p in zip(batch, batch_params)]
-            tokens, logprobs = sample(logits, batch_params, uniforms)
-            still = []
-            for i, s, t, lp in zip(active, batch, tokens.tolist(), logprobs.tolist()):
-                s.token_ids.append(t)
-                s.logits = None
-                s.ledger.generated_tokens += 1
-                new[i].append(t)
-                lps[i].append(lp)
-                if not ignore_eos and t in self.eos_ids:
-                    finish[i] = ("eos", None)
-                    continue
-                if stop:
-                    tail = self.tokenizer.decode(new[i][-tail_tokens:])
-                    hit = next((x for x in stop if x in tail), None)
-                    if hit is not None:
-                        finish[i] = ("stop", hit)
-                        continue
-                if len(new[i]) >= limits[i] or len(s.token_ids) >= self.cfg.max_position:
-                    continue
-                still.append(i)
-            active = still
-        out = []
-        for ids, lp, (reason, hit) in zip(new, lps, finish):
-            text = self.tokenizer.decode(ids[:-1] if reason == "eos" else ids)  # the EOS token is not text
-            if hit is not None:
-                text = text[: text.find(hit)]
-            out.append(Completion(tuple(ids), text, tuple(lp), reason, hit))
-        return out
+        """Advance every sequence until its own stop string, EOS or token limit; one forward per step.
+
+        Raises PoolExhausted before starting if the worst case (every sequence at its limit) cannot fit."""
+        batch = GenerationBatch(self)
+        request = batch.add(seqs, params, max_new_tokens, stop, ignore_eos)
+        while not request.done:
+            batch.step()
+        return request.completions
 
     def score(self, items: list[tuple[Sequence, list[int]]], hidden: bool = False,
               charge: str = "verifier_tokens", ledger: Ledger | None = None) -> list[ScoreResult]:

@@ -1,0 +1,165 @@
+"""A running generation batch: requests join and leave between decode steps (continuous batching).
+
+    batch = GenerationBatch(engine)
+    request = batch.add(seqs, params, max_new_tokens, stop)   # refused (False from fits) if the pool can't hold it
+    while not request.done:
+        batch.step()                                          # one forward + one sampled token per active sequence
+    request.completions                                       # one Completion per sequence
+
+`Engine.generate` is one request in its own batch. `ttc.decoder.concurrent.ConcurrentEngine` keeps one
+batch for several threads, so requests of different problems share each decode step's forward.
+
+Admission is by worst case: a request is admitted only if every sequence of every admitted request can
+grow to its token limit in the blocks the pool has free, so a running batch never runs out of KV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import PoolExhausted, blocks_needed
+from .sampling import SamplingParams, sample
+
+
+@dataclass(eq=False)
+class Request:
+    """One generate() call: its sequences advance together with every other admitted request's."""
+
+    seqs: list
+    params: list[SamplingParams]
+    limits: list[int]
+    stop: list[str]
+    ignore_eos: bool = False
+    new: list[list[int]] = field(default_factory=list)  # per sequence: sampled token ids
+    logprobs: list[list[float]] = field(default_factory=list)
+    finish: list[tuple[str, str | None]] = field(default_factory=list)  # per sequence: (reason, stop hit)
+    active: list[int] = field(default_factory=list)  # indices of sequences still generating
+    completions: list | None = None  # set when done
+    error: BaseException | None = None  # set if the batch failed while this request was in it
+
+    @property
+    def done(self) -> bool:
+        return self.completions is not None or self.error is not None
+
+
+class GenerationBatch:
+    def __init__(self, engine):
+        self.engine = engine
+        self.requests: list[Request] = []
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def _blocks_to_finish(self, seqs, limits) -> int:
+        """Blocks these sequences may still need to reach their limits (beyond what they hold)."""
+        bs, max_pos = self.engine.pool.block_size, self.engine.cfg.max_position
+        return sum(max(0, blocks_needed(min(len(s.token_ids) + m, max_pos), bs) - len(s.kv.blocks))
+                   for s, m in zip(seqs, limits))
+
+    def outstanding_blocks(self) -> int:
+        """Worst-case blocks the admitted requests may still take."""
+        total = 0
+        for r in self.requests:
+            left = [max(0, r.limits[i] - len(r.new[i])) for i in r.active]
+            total += self._blocks_to_finish([r.seqs[i] for i in r.active], left)
+        return total
+
+    def request(self, seqs, params: SamplingParams | list[SamplingParams], max_new_tokens: int | list[int],
+                stop=None, ignore_eos: bool = False) -> Request:
+        params = params if isinstance(params, list) else [params] * len(seqs)
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(seqs)
+        n = len(seqs)
+        return Request(list(seqs), params, list(limits), [s for s in (stop or []) if s], ignore_eos,
+                       [[] for _ in range(n)], [[] for _ in range(n)], [("length", None)] * n,
+                       [i for i in range(n) if limits[i] > 0])
+
+    def fits(self, request: Request) -> bool:
+        """Whether the request can be admitted now without risking the pool (worst case)."""
+        need = self._blocks_to_finish(request.seqs, request.limits) + self.outstanding_blocks()
+        return need <= self.engine.free_blocks()
+
+    def check_alone(self, request: Request) -> None:
+        """Raise PoolExhausted if the request could not fit even in an otherwise idle pool."""
+        need = self._blocks_to_finish(request.seqs, request.limits)
+        free = self.engine.free_blocks()
+        if need > free:
+            pool = self.engine.pool
+            raise PoolExhausted(need, free, pool.num_blocks, pool.block_size)
+
+    def admit(self, request: Request) -> None:
+        if not request.active:
+            self._complete(request)
+        else:
+            self.requests.append(request)
+
+    def add(self, seqs, params, max_new_tokens, stop=None, ignore_eos: bool = False) -> Request:
+        """request + check + admit, for a single caller (Engine.generate)."""
+        request = self.request(seqs, params, max_new_tokens, stop, ignore_eos)
+        self.check_alone(request)
+        self.admit(request)
+        return request
+
+    # -- stepping --------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """One forward (for sequences without logits) and one sampled token for every active sequence;
+        returns the requests that finished. On an error every request in the batch fails with it."""
+        if not self.requests:
+            return []
+        try:
+            return self._step()
+        except BaseException as e:
+            failed, self.requests = self.requests, []
+            for r in failed:
+                r.error = e
+            raise
+
+    def _step(self) -> list[Request]:
+        engine = self.engine
+        slots = [(r, i) for r in self.requests for i in r.active]
+        batch = [r.seqs[i] for r, i in slots]
+        engine.forward([s for s in batch if s.logits is None])
+        logits = torch.stack([s.logits for s in batch])
+        batch_params = [r.params[i] for r, i in slots]
+        uniforms = [s.rng.uniform() if p.temperature > 0 else 0.0 for s, p in zip(batch, batch_params)]
+        tokens, logprobs = sample(logits, batch_params, uniforms)
+        still: dict[int, list[int]] = {id(r): [] for r in self.requests}
+        for (r, i), s, t, lp in zip(slots, batch, tokens.tolist(), logprobs.tolist()):
+            s.token_ids.append(t)
+            s.logits = None
+            s.ledger.generated_tokens += 1
+            r.new[i].append(t)
+            r.logprobs[i].append(lp)
+            if not r.ignore_eos and t in engine.eos_ids:
+                r.finish[i] = ("eos", None)
+                continue
+            if r.stop:
+                tail_tokens = max(len(x) for x in r.stop) + 2  # a stop of m chars spans <= m tokens
+                tail = engine.tokenizer.decode(r.new[i][-tail_tokens:])
+                hit = next((x for x in r.stop if x in tail), None)
+                if hit is not None:
+                    r.finish[i] = ("stop", hit)
+                    continue
+            if len(r.new[i]) >= r.limits[i] or len(s.token_ids) >= engine.cfg.max_position:
+                continue
+            still[id(r)].append(i)
+        finished = []
+        for r in self.requests:
+            r.active = still[id(r)]
+            if not r.active:
+                self._complete(r)
+                finished.append(r)
+        self.requests = [r for r in self.requests if r.active]
+        return finished
+
+    def _complete(self, r: Request) -> None:
+        from .engine import Completion
+
+        out = []
+        for ids, lp, (reason, hit) in zip(r.new, r.logprobs, r.finish):
+            text = self.engine.tokenizer.decode(ids[:-1] if reason == "eos" else ids)  # the EOS token is not text
+            if hit is not None:
+                text = text[: text.find(hit)]
+            out.append(Completion(tuple(ids), text, tuple(lp), reason, hit))
+        r.completions = out
