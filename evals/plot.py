@@ -4,7 +4,7 @@
 
 Reads every summary.json under the given run or sweep folders, draws accuracy against mean computed
 tokens per problem (`--x mean_flops` for FLOPs), one line per strategy (and verifier), and prints
-the points as a table.
+the points as a table (`--markdown`: a Markdown table for reports, tokens relative to the greedy run).
 """
 
 from __future__ import annotations
@@ -51,6 +51,33 @@ def points_table(summaries: list[dict], x: str = "mean_tokens") -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _run_name(s: dict) -> str:
+    config = s.get("strategy_config") or {}
+    knobs = [f"{k}={config[k]}" for k in ("n", "width", "expand", "particles", "weighted") if k in config]
+    name = str(s.get("label"))
+    if s.get("allocation"):
+        name = str(s["allocation"])
+        knobs = [f"budget {s.get('budget_tokens')}/problem"]
+    return f"{name} {' '.join(knobs)}".strip()
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """One row per run: accuracy, computed tokens per problem (and x the greedy run's, if there is one),
+    and the best-of-k ceilings pass@k / maj@k at the largest k the run's samples allow."""
+    greedy = next((s for s in summaries if s.get("strategy") == "greedy"), None)
+    rows = ["| run | accuracy | tokens / problem | x greedy | pass@k | maj@k |", "|---|---|---|---|---|---|"]
+    for s in sorted(summaries, key=lambda s: float(s["mean_tokens"])):
+        ratio = f"{s['mean_tokens'] / greedy['mean_tokens']:.1f}" if greedy and greedy["mean_tokens"] else "-"
+        ceilings = []
+        for metric in ("pass@k", "maj@k"):
+            values = s.get(metric) or {}
+            k = max(values, key=int, default=None)
+            ceilings.append(f"{values[k]:.2f} (k={k})" if k is not None and int(k) > 1 else "-")
+        rows.append(f"| {_run_name(s)} | {s['accuracy']:.2f} ({s['correct']}/{s['problems']}) | "
+                    f"{s['mean_tokens']:.0f} | {ratio} | {ceilings[0]} | {ceilings[1]} |")
+    return "\n".join(rows)
+
+
 def plot(summaries: list[dict], out: str | Path, x: str = "mean_tokens", title: str | None = None) -> Path:
     import matplotlib
 
@@ -85,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="acc_vs_tokens.png", help="the image to write (.png, .pdf, .svg)")
     ap.add_argument("--x", default="mean_tokens", choices=sorted(X_LABELS), help="the compute axis")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table (and still plot)")
     args = ap.parse_args(argv)
     try:
         summaries = find_summaries(args.runs)
@@ -94,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if not summaries:
         print(f"error: no {SUMMARY} under {' '.join(args.runs)}", file=sys.stderr)
         return 2
-    print(points_table(summaries, args.x))
+    print(markdown_table(summaries) if args.markdown else points_table(summaries, args.x))
     print(f"wrote {plot(summaries, args.out, args.x, args.title)}")
     return 0
 

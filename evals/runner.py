@@ -446,7 +446,8 @@ def build_allocation(cfg: dict, model, dataset: Dataset, done: dict, spec, verif
                                     problems.grade, verifier=verifier,
                                     tokens_per_problem=int(train.get("tokens_per_problem") or pool.total // pool.problems),
                                     first_pass=allocator.first_pass, round_size=allocator.round_size,
-                                    max_samples=allocator.max_samples)
+                                    max_samples=allocator.max_samples, options=train.get("options"),
+                                    concurrency=pool.concurrency)
         log.info("difficulty table fitted on %d training problems: %s", len(problems), allocator.table)
     return allocator, pool
 

@@ -158,6 +158,9 @@ def test_fit_table_keeps_per_band_the_best_accuracy_per_token_on_training_proble
     assert table["hopeless"] == {"strategy": "self_consistency", "cap_factor": 0.0}  # never right: spend least
     assert table["medium"] == {"strategy": "self_consistency", "cap_factor": 2.0}  # the tie 2:2 needs more samples
     assert Difficulty(table=table).table == table
+    fit_table.last_stats = None
+    assert fit_table(train, lambda: FakeProposer(scripts), lambda p, a: a == p.answer, tokens_per_problem=100,
+                     concurrency=3) == table  # problems tried in threads: the same table
 
 
 def test_a_dataset_budget_is_never_exceeded_over_a_tiny_model_run(tiny_model):

@@ -36,3 +36,16 @@ def test_a_folder_is_searched_once_even_when_named_twice(tmp_path):
 def test_the_plot_command_fails_with_a_message_when_there_is_nothing_to_plot(tmp_path, capsys):
     assert main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_the_markdown_table_puts_tokens_next_to_greedys_and_the_largest_k_ceilings():
+    from ttc.evals.plot import markdown_table
+
+    greedy = {"label": "greedy", "strategy": "greedy", "mean_tokens": 100.0, "accuracy": 0.2, "correct": 2,
+              "problems": 10, "pass@k": {"1": 0.2}, "maj@k": {"1": 0.2}, "strategy_config": {}}
+    bon = {"label": "best_of_n+calculator", "strategy": "best_of_n", "mean_tokens": 1600.0, "accuracy": 0.5,
+           "correct": 5, "problems": 10, "pass@k": {"1": 0.2, "16": 0.6}, "maj@k": {"1": 0.2, "16": 0.3},
+           "strategy_config": {"n": 16, "weighted": True}}
+    lines = markdown_table([bon, greedy]).splitlines()
+    assert lines[2] == "| greedy | 0.20 (2/10) | 100 | 1.0 | - | - |"
+    assert lines[3] == "| best_of_n+calculator n=16 weighted=True | 0.50 (5/10) | 1600 | 16.0 | 0.60 (k=16) | 0.30 (k=16) |"

@@ -416,7 +416,8 @@ def accuracy_per_token(accuracy: float, mean_tokens: float) -> float:
 
 def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, str | None], bool], verifier=None,
               tokens_per_problem: int = 4096, options: Iterable[dict] | None = None,
-              objective: Callable[[float, float], float] = accuracy_per_token, **difficulty_kwargs) -> dict:
+              objective: Callable[[float, float], float] = accuracy_per_token, concurrency: int = 1,
+              **difficulty_kwargs) -> dict:
     """Learn Difficulty's table on TRAINING problems (never the evaluated ones).
 
     Every option ({"strategy", "cap_factor"}; default: both strategies x cap factors 0, 2, 4, 8, and
@@ -426,6 +427,8 @@ def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, st
     token; ties: the more accurate, then the cheaper). Bands no training problem fell in keep
     DEFAULT_TABLE's entry. proposer: a proposer, or a callable returning a fresh one per problem.
     grade_fn(problem, answer) -> bool. Returns the table; `fit_table.last_stats` holds the trials.
+    concurrency > 1 tries that many problems at once in threads (the proposer factory's model should
+    then run on a ttc.decoder.concurrent.ConcurrentEngine); the table does not depend on it.
     """
     from ttc.decoder import PromptTooLong
 
@@ -433,8 +436,9 @@ def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, st
                if verifier is not None or o["strategy"] != "best_of_n"]
     horizon = int(math.ceil(max(o["cap_factor"] for o in options))) + 1
     make = proposer if not hasattr(proposer, "start") else (lambda: proposer)
-    stats: dict[str, dict[int, list[tuple[bool, int]]]] = {b: {} for b in BANDS}
-    for problem in problems:
+    def trials(problem: Problem) -> list[tuple[str, int, bool, int]]:
+        """(band, option index, correct, tokens) of every option on one problem."""
+        out = []
         for i, option in enumerate(options):
             allocator = Difficulty(table={b: option for b in BANDS}, **difficulty_kwargs)
             pool = Pool(total=tokens_per_problem * horizon, problems=horizon)
@@ -444,8 +448,20 @@ def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, st
                 correct = bool(grade_fn(problem, result.answer))
             except (BudgetExceeded, PromptTooLong):  # the option cannot attempt this problem
                 correct = False
-            band = allocator.last_band or "hopeless"
-            stats[band].setdefault(i, []).append((correct, ledger.total_tokens))
+            out.append((allocator.last_band or "hopeless", i, correct, ledger.total_tokens))
+        return out
+
+    if concurrency > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=concurrency) as workers:
+            per_problem = list(workers.map(trials, problems))
+    else:
+        per_problem = [trials(problem) for problem in problems]
+    stats: dict[str, dict[int, list[tuple[bool, int]]]] = {b: {} for b in BANDS}
+    for rows in per_problem:  # in problem order, whatever the concurrency
+        for band, i, correct, tokens in rows:
+            stats[band].setdefault(i, []).append((correct, tokens))
     table = {b: dict(e) for b, e in DEFAULT_TABLE.items()}
     for band, by_option in stats.items():
         if not by_option:
