@@ -133,3 +133,20 @@ def test_a_concurrent_allocation_run_stays_within_the_dataset_budget(tiny_llama_
     assert len(rows) == 4 and sum(spent) <= 1200
     assert all(0 < s <= r["given_tokens"] for r, s in zip(rows, spent))
     assert outcome.summary["given_tokens"] <= 1200
+
+
+def test_a_request_that_does_not_fit_beside_the_running_ones_waits_for_room_instead_of_failing(tiny_llama_dir):
+    small = ttc.load(str(tiny_llama_dir), dtype="float32", kv_cache_gb=1e-4, prefix_caching=False)
+    blocks, size = small.engine.pool.num_blocks, small.engine.pool.block_size
+    limit = (blocks // 2 + 1) * size - 3  # one request needs more than half of the pool
+    alone = [sample_alone(small.engine, [5, 6, 7], n=1, limit=limit, seed=s)[0] for s in (1, 2)]
+    shared = ConcurrentEngine(small.engine)
+    together: dict = {}
+    threads = [threading.Thread(target=lambda s=s: together.__setitem__(s, sample_alone(shared, [5, 6, 7], 1, limit, s)[0]))
+               for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[1], together[2]] == alone
+    assert small.engine.pool.num_free == blocks
