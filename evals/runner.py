@@ -447,9 +447,18 @@ def build_allocation(cfg: dict, model, dataset: Dataset, done: dict, spec, verif
                                     tokens_per_problem=int(train.get("tokens_per_problem") or pool.total // pool.problems),
                                     first_pass=allocator.first_pass, round_size=allocator.round_size,
                                     max_samples=allocator.max_samples, options=train.get("options"),
+                                    objective=_objective(train.get("objective", "accuracy_per_token")),
                                     concurrency=pool.concurrency)
         log.info("difficulty table fitted on %d training problems: %s", len(problems), allocator.table)
     return allocator, pool
+
+
+def _objective(name: str):
+    from ttc.allocation import OBJECTIVES
+
+    if name not in OBJECTIVES:
+        raise ConfigError(f"allocation.train.objective: {name!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
 # --- resumption safety ------------------------------------------------------------------------

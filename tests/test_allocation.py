@@ -161,6 +161,12 @@ def test_fit_table_keeps_per_band_the_best_accuracy_per_token_on_training_proble
     fit_table.last_stats = None
     assert fit_table(train, lambda: FakeProposer(scripts), lambda p, a: a == p.answer, tokens_per_problem=100,
                      concurrency=3) == table  # problems tried in threads: the same table
+    from ttc.allocation import accuracy_only
+
+    most_accurate = fit_table(train, lambda: FakeProposer(scripts), lambda p, a: a == p.answer, tokens_per_problem=100,
+                              objective=accuracy_only)
+    assert most_accurate["easy"]["cap_factor"] == 0.0 and most_accurate["hopeless"]["cap_factor"] == 0.0  # ties: cheaper
+    assert most_accurate["medium"]["cap_factor"] > 0.0
 
 
 def test_a_dataset_budget_is_never_exceeded_over_a_tiny_model_run(tiny_model):

@@ -37,7 +37,7 @@ from ttc.budget import Budget, BudgetExceeded, Ledger
 from ttc.graph import Meter, Problem
 from ttc.result import Result, Tree
 
-__all__ = ["Pool", "PoolOverdrawn", "Uniform", "AdaptiveStop", "Difficulty", "DEFAULT_TABLE", "fit_table",
+__all__ = ["Pool", "PoolOverdrawn", "Uniform", "AdaptiveStop", "Difficulty", "DEFAULT_TABLE", "fit_table", "OBJECTIVES",
            "record_tokens", "BANDS"]
 
 LEDGER_TOKEN_FIELDS = ("prefill_tokens", "generated_tokens", "verifier_tokens")  # Ledger.total_tokens
@@ -411,7 +411,18 @@ DEFAULT_OPTIONS = tuple({"strategy": s, "cap_factor": f} for s in STRATEGIES for
 
 
 def accuracy_per_token(accuracy: float, mean_tokens: float) -> float:
+    """The cheapest way to be right: favours answering after the first pass unless more samples pay off
+    in proportion to what they cost."""
     return accuracy / max(1.0, mean_tokens)
+
+
+def accuracy_only(accuracy: float, mean_tokens: float) -> float:
+    """The most accurate option (fit_table breaks ties by the cheaper): for a budget that is there to
+    be spent where it changes answers."""
+    return accuracy
+
+
+OBJECTIVES = {"accuracy_per_token": accuracy_per_token, "accuracy": accuracy_only}
 
 
 def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, str | None], bool], verifier=None,
