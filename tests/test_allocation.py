@@ -107,6 +107,25 @@ def test_adaptive_stop_stops_at_the_confidence_after_two_rounds_or_when_the_cap_
     assert result.tree["history"][-1] == {"stopped": "cap"}
 
 
+class AnswerIsFive:
+    """A verifier that trusts only the answer "5"."""
+
+    def score(self, branches, meter):
+        return [1.0 if b.text == "5" else 0.2 for b in branches]
+
+
+def test_adaptive_stop_with_a_verifier_stops_at_a_verified_sample_and_answers_by_the_weighted_vote():
+    fake = FakeProposer({"p": ["3", "3", "5", "3", "3", "3"]})
+    stop = AdaptiveStop(round_size=2, max_samples=16, verified=1.0, weighted=True)
+    result, _ = stop.solve(problem("p"), fake, AnswerIsFive(), None, Pool(10_000, 1))
+    assert fake.drawn == 4 and result.tree["history"][-1] == {"stopped": "verified"}  # "5" came in round two
+    assert result.answer == "5"  # 1.0 outweighs three "3"s at 0.2 each
+    fake = FakeProposer({"p": ["3", "3", "5", "3"]})
+    result, _ = AdaptiveStop(round_size=2, max_samples=4).solve(problem("p"), fake, AnswerIsFive(), None,
+                                                                Pool(10_000, 1))
+    assert fake.drawn == 4 and result.answer == "3"  # without verified/weighted the verifier changes nothing
+
+
 def test_uniform_gives_every_problem_the_same_share_and_passes_nothing_on():
     fake = FakeProposer({p: ["4"] for p in "abc"})
     pool, seen = Pool(total=300, problems=3), []

@@ -168,10 +168,12 @@ class _Allocator:
 
 
 def _sample_rounds(proposer, root, meter: Meter, verifier, samples: list, answers: list, scores: list,
-                   round_size: int, max_samples: int, confidence: float | None, tree: Tree, rounds_done: int = 0) -> str:
+                   round_size: int, max_samples: int, confidence: float | None, tree: Tree, rounds_done: int = 0,
+                   verified: float | None = None) -> str:
     """Draw rounds of `round_size` whole solutions from `root` into samples/answers/scores, voting after
     each, until the vote is decided, the leader's share reaches `confidence` (after at least 2 rounds),
-    `max_samples` are drawn, or the meter cannot pay another round. Returns why it stopped."""
+    a sample's verifier score reaches `verified` (if set), `max_samples` are drawn, or the meter cannot
+    pay another round. Returns why it stopped."""
     from ttc.search.common import score_or_zero, verifier_cost
     from ttc.verifiers.vote import vote
 
@@ -181,6 +183,8 @@ def _sample_rounds(proposer, root, meter: Meter, verifier, samples: list, answer
     rounds = rounds_done
     while True:
         if samples:
+            if verified is not None and any(x is not None and x >= verified for x in scores):
+                return "verified"
             v = vote(answers)
             ranked = sorted(v.counts.values(), reverse=True)
             leader, runner_up = (ranked + [0, 0])[:2]
@@ -221,13 +225,16 @@ def _cost_per_sample(tree: Tree) -> int:
 
 
 def _vote_result(name: str, problem: Problem, proposer, meter: Meter, tree: Tree, samples: list, answers: list,
-                 scores: list, by_score: bool = False) -> Result:
+                 scores: list, by_score: bool = False, weighted: bool = False) -> Result:
     """A Result like self-consistency's: candidates with votes, the winner's first sample chosen.
-    by_score: best-of-n's choice (the highest verifier score) instead of the vote."""
+    by_score: best-of-n's choice (the highest verifier score) instead of the vote. weighted: the vote
+    sums verifier scores instead of counting samples (best-of-n's weighted vote)."""
     from ttc.search.common import finish
     from ttc.verifiers.vote import vote
 
-    v = vote(answers)
+    weights = [x if x is not None else 0.0 for x in scores] if weighted and any(x is not None for x in scores) \
+        else None
+    v = vote(answers, weights=weights)
     candidates = [{"answer": answers[v.groups.index(g)], "votes": c} for g, c in v.counts.items()]
     if by_score and samples and any(s is not None for s in scores):
         best = max(range(len(samples)), key=lambda i: scores[i] if scores[i] is not None else -math.inf)
@@ -236,6 +243,10 @@ def _vote_result(name: str, problem: Problem, proposer, meter: Meter, tree: Tree
         return finish(name, problem, proposer, meter, tree, samples[best], scores[best], candidates)
     if v.winner is None:
         return finish(name, problem, proposer, meter, tree, samples[0] if samples else None, None, candidates)
+    if weights is not None:
+        members = [i for i, g in enumerate(v.groups) if g == v.groups[v.winner]]
+        best = max(members, key=lambda i: weights[i])
+        return finish(name, problem, proposer, meter, tree, samples[best], weights[best], candidates)
     share = v.counts[v.groups[v.winner]] / len(samples)
     return finish(name, problem, proposer, meter, tree, samples[v.winner], share, candidates)
 
@@ -265,12 +276,16 @@ class AdaptiveStop(_Allocator):
     after each round; stop once the leader cannot be overtaken by the samples still allowed
     (leader - runner-up > max_samples - drawn), or the leader's share reaches `confidence` (if set)
     after at least 2 rounds, or the problem's cap, min(fair share x cap_factor, what is left), cannot
-    pay another round. What is left unspent returns to the pool. The strategy argument is not used."""
+    pay another round. What is left unspent returns to the pool. The strategy argument is not used.
+    With a verifier: `verified` also stops once a sample's score reaches it, and `weighted` answers by
+    the score-weighted vote (best-of-n's) instead of the plain one."""
 
     round_size: int = 2
     max_samples: int = 16
     confidence: float | None = None
     cap_factor: float = 4.0
+    verified: float | None = None
+    weighted: bool = False
     name = "adaptive_stop"
 
     def solve(self, problem: Problem, proposer, verifier, strategy, pool: Pool,
@@ -285,9 +300,11 @@ class AdaptiveStop(_Allocator):
             samples, answers, scores = [], [], []
             try:
                 why = _sample_rounds(proposer, root, meter, verifier, samples, answers, scores, self.round_size,
-                                     self.max_samples, self.confidence, tree)
+                                     self.max_samples, self.confidence, tree,
+                                     verified=self.verified if verifier is not None else None)
                 tree.history.append({"stopped": why})
-                return _vote_result(self.name, problem, proposer, meter, tree, samples, answers, scores)
+                return _vote_result(self.name, problem, proposer, meter, tree, samples, answers, scores,
+                                    weighted=self.weighted)
             finally:
                 proposer.release([root, *samples])
 
