@@ -442,14 +442,15 @@ def build_allocation(cfg: dict, model, dataset: Dataset, done: dict, spec, verif
         problems = build_dataset(train_split(cfg["dataset"]))
         proposer_factory = lambda: LocalProposer(model, seed=int(cfg.get("seed", 0)), answer_fn=problems.extract,  # noqa: E731
                                                  **spec.proposer)
-        allocator.table = fit_table(problems.problems[: int(train.get("problems", 16))], proposer_factory,
+        training = problems.problems[: int(train.get("problems", 16))]
+        allocator.table = fit_table(training, proposer_factory,
                                     problems.grade, verifier=verifier,
                                     tokens_per_problem=int(train.get("tokens_per_problem") or pool.total // pool.problems),
                                     first_pass=allocator.first_pass, round_size=allocator.round_size,
                                     max_samples=allocator.max_samples, options=train.get("options"),
                                     objective=_objective(train.get("objective", "accuracy_per_token")),
                                     concurrency=pool.concurrency)
-        log.info("difficulty table fitted on %d training problems: %s", len(problems), allocator.table)
+        log.info("difficulty table fitted on %d training problems: %s", len(training), allocator.table)
     return allocator, pool
 
 
