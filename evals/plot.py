@@ -69,12 +69,12 @@ def markdown_table(summaries: list[dict]) -> str:
     for s in sorted(summaries, key=lambda s: float(s["mean_tokens"])):
         ratio = f"{s['mean_tokens'] / greedy['mean_tokens']:.1f}" if greedy and greedy["mean_tokens"] else "-"
         ceilings = []
-        for metric in ("pass@k", "maj@k"):
+        for metric in ("pass@k", "maj@k") if not s.get("allocation") else ():  # samples vary per problem there
             values = s.get(metric) or {}
             k = max(values, key=int, default=None)
             ceilings.append(f"{values[k]:.2f} (k={k})" if k is not None and int(k) > 1 else "-")
         rows.append(f"| {_run_name(s)} | {s['accuracy']:.2f} ({s['correct']}/{s['problems']}) | "
-                    f"{s['mean_tokens']:.0f} | {ratio} | {ceilings[0]} | {ceilings[1]} |")
+                    f"{s['mean_tokens']:.0f} | {ratio} | {' | '.join(ceilings or ['-', '-'])} |")
     return "\n".join(rows)
 
 
