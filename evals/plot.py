@@ -56,7 +56,8 @@ def _run_name(s: dict) -> str:
     knobs = [f"{k}={config[k]}" for k in ("n", "width", "expand", "particles", "weighted") if k in config]
     name = str(s.get("label"))
     if s.get("allocation"):
-        name = str(s["allocation"])
+        verifier = s.get("verifier")
+        name = str(s["allocation"]) + (f"+{verifier}" if verifier not in (None, "none") else "")
         knobs = [f"budget {s.get('budget_tokens')}/problem"]
     return f"{name} {' '.join(knobs)}".strip()
 
