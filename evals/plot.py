@@ -56,10 +56,15 @@ def _run_name(s: dict) -> str:
     knobs = [f"{k}={config[k]}" for k in ("n", "width", "expand", "particles", "weighted") if k in config]
     name = str(s.get("label"))
     if s.get("allocation"):
-        verifier = s.get("verifier")
-        name = str(s["allocation"]) + (f"+{verifier}" if verifier not in (None, "none") else "")
+        name = _allocation_label(s)
         knobs = [f"budget {s.get('budget_tokens')}/problem"]
     return f"{name} {' '.join(knobs)}".strip()
+
+
+def _allocation_label(s: dict) -> str:
+    verifier = s.get("verifier")
+    base = f"uniform/{s.get('strategy')}" if s["allocation"] == "uniform" else str(s["allocation"])
+    return base + (f"+{verifier}" if verifier not in (None, "none") else "")
 
 
 def markdown_table(summaries: list[dict]) -> str:
@@ -85,6 +90,8 @@ def plot(summaries: list[dict], out: str | Path, x: str = "mean_tokens", title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # runs from before labels named their allocator: one line per allocator, not under the strategy's name
+    summaries = [{**s, "label": _allocation_label(s)} if s.get("allocation") else s for s in summaries]
     datasets = sorted({str(s.get("dataset")) for s in summaries})
     if len(datasets) > 1:  # one line per strategy and dataset
         summaries = [{**s, "label": f"{s.get('label')} ({s.get('dataset')})"} for s in summaries]

@@ -508,8 +508,13 @@ def _names_from_targets(cfg: dict) -> dict:
 
 
 def _label(names: dict) -> str:
-    verifier = names.get("verifier")
-    return f"{names.get('strategy')}+{verifier}" if verifier not in (None, "none") else str(names.get("strategy"))
+    """strategy(+verifier); with an allocator, its name instead of the strategy's (adaptive_stop and
+    difficulty run their own sampling; uniform runs the strategy: "uniform/self_consistency")."""
+    verifier, allocation = names.get("verifier"), names.get("allocation")
+    base = str(names.get("strategy"))
+    if allocation not in (None, "none"):
+        base = f"uniform/{base}" if allocation == "uniform" else str(allocation)
+    return f"{base}+{verifier}" if verifier not in (None, "none") else base
 
 
 def summary_table(summary: dict) -> str:
