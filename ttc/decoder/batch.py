@@ -1,7 +1,7 @@
 """A running generation batch: requests join and leave between decode steps (continuous batching).
 
     batch = GenerationBatch(engine)
-    request = batch.add(seqs, params, max_new_tokens, stop)   # refused (False from fits) if the pool can't hold it
+    request = batch.add(seqs, params, max_new_tokens, stop)   # PoolExhausted if the pool can never hold it
     while not request.done:
         batch.step()                                          # one forward + one sampled token per active sequence
     request.completions                                       # one Completion per sequence
@@ -32,6 +32,7 @@ class Request:
     limits: list[int]
     stop: list[str]
     ignore_eos: bool = False
+    tail_tokens: int = 0  # tokens whose text is searched for a stop string (a stop of m chars spans <= m)
     new: list[list[int]] = field(default_factory=list)  # per sequence: sampled token ids
     logprobs: list[list[float]] = field(default_factory=list)
     finish: list[tuple[str, str | None]] = field(default_factory=list)  # per sequence: (reason, stop hit)
@@ -70,7 +71,8 @@ class GenerationBatch:
         params = params if isinstance(params, list) else [params] * len(seqs)
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(seqs)
         n = len(seqs)
-        return Request(list(seqs), params, list(limits), [s for s in (stop or []) if s], ignore_eos,
+        stop = [s for s in (stop or []) if s]
+        return Request(list(seqs), params, list(limits), stop, ignore_eos, max((len(s) for s in stop), default=0) + 2,
                        [[] for _ in range(n)], [[] for _ in range(n)], [("length", None)] * n,
                        [i for i in range(n) if limits[i] > 0])
 
@@ -135,8 +137,7 @@ class GenerationBatch:
                 r.finish[i] = ("eos", None)
                 continue
             if r.stop:
-                tail_tokens = max(len(x) for x in r.stop) + 2  # a stop of m chars spans <= m tokens
-                tail = engine.tokenizer.decode(r.new[i][-tail_tokens:])
+                tail = engine.tokenizer.decode(r.new[i][-r.tail_tokens:])
                 hit = next((x for x in r.stop if x in tail), None)
                 if hit is not None:
                     r.finish[i] = ("stop", hit)
