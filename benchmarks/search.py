@@ -30,7 +30,7 @@ import torch
 
 import ttc
 from ttc.graph import Meter, Problem
-from ttc.proposer import LocalProposer
+from ttc.backends.local import LocalProposer
 from ttc.search.beam import Beam
 from ttc.search.dvts import DVTS
 from ttc.search.ets import ETS

@@ -12,7 +12,7 @@ steps 1..t has
                                          answer from here
 and the frontier is a heap ordered by f = g + h (ties: the deeper branch, then the older one).
 
-Pop the best; a finished branch popped is the answer; otherwise expand it into `expand` children
+Pop the best; a finished branch popped is the answer; otherwise expand it into `n` children
 (one batched decode), score them and push them. The search stops after `max_expansions` expansions
 or when the budget cannot pay for another; then the best finished branch in the frontier is the
 answer, or else the best open one, completed as far as the budget allows.
@@ -48,7 +48,7 @@ def step_cost(score: float) -> float:
 
 @dataclass
 class AStar:
-    expand: int = 4
+    n: int = 4  # children per expansion (the one name for a strategy's breadth: `strategy.n`)
     max_expansions: int = 32
     g_weight: float = 1.0
     h_weight: float = 1.0
@@ -56,8 +56,8 @@ class AStar:
     selector: Selector | None = None
 
     def __post_init__(self):
-        if self.expand < 1 or self.max_expansions < 1:
-            raise ValueError("expand and max_expansions must be at least 1")
+        if self.n < 1 or self.max_expansions < 1:
+            raise ValueError("n and max_expansions must be at least 1")
         if self.max_frontier is not None and self.max_frontier < 1:
             raise ValueError("max_frontier must be at least 1 (or None for no limit)")
 
@@ -112,7 +112,7 @@ class _Search:
         return self.fallback()
 
     def expand(self, node: Branch) -> bool:
-        children = self.proposer.propose([node], self.config.expand, self.meter)
+        children = self.proposer.propose([node], self.config.n, self.meter)
         if not children:
             return False
         self.expansions += 1

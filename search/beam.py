@@ -6,12 +6,12 @@ as many children as the beam has free slots. Children hold their parent's KV blo
 count, so the expanded parents and the pruned children are released at once: the pool only ever
 holds the live frontier.
 
-Slots: a beam of width w wants w finished solutions. A kept child that is finished leaves the beam
+Slots: a beam of width n (`strategy.n`) wants n finished solutions. A kept child that is finished leaves the beam
 for its finished pool and takes its slot with it. Each round asks for `slots * expand` children,
 spread evenly over the open beams: normally `expand` per beam; when a selector keeps fewer beams
 than slots (ETS pruning redundant branches) the survivors get more children each, so the work per
-round stays the same while more of it shares KV. The root counts as `width` copies of itself: the
-first round draws `width * expand` children from it.
+round stays the same while more of it shares KV. The root counts as `n` copies of itself: the
+first round draws `n * expand` children from it.
 
 The search stops when every slot holds a finished solution, after `max_depth` rounds, or when the
 budget cannot pay for another round. The answer is the best-scored finished solution; if none
@@ -194,28 +194,28 @@ def release_frontiers(frontiers: list[Frontier], proposer, verifier, chosen: Sco
 
 @dataclass
 class Beam:
-    """Keep the `width` best steps each round; every kept beam proposes `expand` children.
+    """Keep the `n` best steps each round (n: the beam's width); every kept beam proposes `expand` children.
 
     selector: any object with `select(scored, k, meter)` (default: top-k by the verifier's score),
-    e.g. ttc.search.ets.ETSSelector. width=1, expand=1 is greedy step search.
+    e.g. ttc.search.ets.ETSSelector. n=1, expand=1 is greedy step search.
     """
 
-    width: int = 4
+    n: int = 4  # the width: beams kept per round and finished solutions wanted
     expand: int = 4
     max_depth: int = 12
     selector: Selector | None = None
     name: ClassVar[str] = "beam"
 
     def __post_init__(self):
-        if self.width < 1 or self.expand < 1 or self.max_depth < 1:
-            raise ValueError("width, expand and max_depth must be at least 1")
+        if self.n < 1 or self.expand < 1 or self.max_depth < 1:
+            raise ValueError("n (the width), expand and max_depth must be at least 1")
 
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         tree = Tree()
         selector = prepare(self.selector, proposer, verifier, meter)
         root = proposer.start(problem, meter)
         tree.add(root, status="root")
-        frontier = Frontier([root], self.width)
+        frontier = Frontier([root], self.n)
         chosen = None
         try:
             run_rounds([frontier], self.expand, self.max_depth, proposer, verifier, selector, meter, tree)

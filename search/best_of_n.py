@@ -8,10 +8,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ttc.graph import Meter, Problem
+from ttc.graph import Branch, Meter, Problem
 from ttc.result import Result, Tree
 from ttc.search.common import finish, score_or_zero, verifier_cost
 from ttc.verifiers.vote import vote
+
+
+def best_scored(name: str, problem: Problem, proposer, meter: Meter, tree: Tree, samples: list[Branch],
+                answers: list[str | None], scores: list[float], weighted: bool) -> Result:
+    """The Result of choosing among scored samples: the highest score (ties: the first sample), or with
+    `weighted` the best sample of the answer group with the largest summed score. One candidate per
+    sample. Allocators that draw their samples in rounds (ttc.search.allocation) answer through this too."""
+    if not samples:
+        return finish(name, problem, proposer, meter, tree, None, None)
+    if weighted:
+        v = vote(answers, weights=scores)
+        members = [i for i, g in enumerate(v.groups) if v.winner is not None and g == v.groups[v.winner]]
+        best = max(members or range(len(samples)), key=lambda i: scores[i])
+    else:
+        best = max(range(len(samples)), key=lambda i: scores[i])  # ties: the first sample
+    candidates = [{"answer": a, "score": s} for a, s in zip(answers, scores)]
+    return finish(name, problem, proposer, meter, tree, samples[best], scores[best], candidates)
 
 
 @dataclass
@@ -31,17 +48,7 @@ class BestOfN:
             answers = [proposer.answer(b) for b in samples]
             for b, s in zip(samples, scores):
                 tree.add(b, score=s, status="final")
-            if not samples:
-                return finish("best_of_n", problem, proposer, meter, tree, None, None)
-            if self.weighted:
-                v = vote(answers, weights=scores)
-                members = [i for i, g in enumerate(v.groups) if v.winner is not None and g == v.groups[v.winner]]
-                best = max(members, key=lambda i: scores[i]) if members else max(range(len(samples)),
-                                                                                    key=lambda i: scores[i])
-            else:
-                best = max(range(len(samples)), key=lambda i: scores[i])  # ties: the first sample
-            candidates = [{"answer": a, "score": s} for a, s in zip(answers, scores)]
-            return finish("best_of_n", problem, proposer, meter, tree, samples[best], scores[best], candidates)
+            return best_scored("best_of_n", problem, proposer, meter, tree, samples, answers, scores, self.weighted)
         finally:
             proposer.release(samples)
 

@@ -1,8 +1,8 @@
 """Diverse verifier tree search (DVTS; Beeching et al., "Scaling test-time compute with open models").
 
-The root is split into `subtrees` independent subtrees, each a beam of `width // subtrees` (the
+The root is split into `subtrees` independent subtrees, each a beam of `n // subtrees` (the
 remainder goes to the first subtrees). Selection happens inside a subtree only, so one dominant line
-of reasoning cannot take over the whole width the way it can in plain beam search. All subtrees
+of reasoning cannot take over the whole width (n) the way it can in plain beam search. All subtrees
 still grow in one batched decode per round and share the prompt's KV. The machinery is beam.py's:
 each subtree is a `Frontier`.
 
@@ -24,7 +24,7 @@ from ttc.verifiers.vote import vote
 
 @dataclass
 class DVTS:
-    width: int = 16
+    n: int = 16  # the total width over all subtrees
     subtrees: int = 4
     expand: int = 4
     max_depth: int = 12
@@ -32,8 +32,8 @@ class DVTS:
     weighted: bool = False
 
     def __post_init__(self):
-        if self.subtrees < 1 or self.width < self.subtrees:
-            raise ValueError("DVTS needs at least one subtree and a width of at least one beam per subtree")
+        if self.subtrees < 1 or self.n < self.subtrees:
+            raise ValueError("DVTS needs at least one subtree and n (the width) of at least one beam per subtree")
         if self.expand < 1 or self.max_depth < 1:
             raise ValueError("expand and max_depth must be at least 1")
 
@@ -42,7 +42,7 @@ class DVTS:
         selector = prepare(self.selector, proposer, verifier, meter)
         root = proposer.start(problem, meter)
         tree.add(root, status="root")
-        base, extra = divmod(self.width, self.subtrees)
+        base, extra = divmod(self.n, self.subtrees)
         frontiers = [Frontier([root], base + (i < extra)) for i in range(self.subtrees)]
         chosen = None
         try:

@@ -41,7 +41,7 @@ from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 
-from ttc.graph import Branch, Meter, Scored
+from ttc.graph import HIDDEN_STATES, Branch, Meter, Scored, require
 from ttc.search.beam import Beam, TopK, rank_scores
 
 TIE_BREAK = 1e-3
@@ -174,7 +174,7 @@ class ETSSelector:
     embed_batch: int = 4
     embed_fn: Callable | None = None
     cost_per_branch: ClassVar[float] = 0.0
-    _engine: object = field(default=None, init=False, repr=False, compare=False)
+    _backend: object = field(default=None, init=False, repr=False, compare=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # branch id -> embedding
 
     def __post_init__(self):
@@ -195,10 +195,10 @@ class ETSSelector:
         return 1.0 if self._embeds_hidden else 0.0
 
     def bind(self, proposer) -> None:
-        """Take the policy model's engine from the proposer (for hidden-state embeddings)."""
-        self._engine = getattr(proposer, "engine", None)
-        if self._embeds_hidden and self._engine is None:
-            raise ValueError("ETS's hidden-state embeddings need ttc's local proposer; pass embed_fn for others")
+        """Take the policy's backend from the proposer; hidden-state embeddings need its HIDDEN_STATES."""
+        self._backend = proposer.backend
+        if self._embeds_hidden:
+            require(self._backend, HIDDEN_STATES, "strategy=ets (its coverage embeddings)")
 
     # -- selection -------------------------------------------------------------------------------
 
@@ -245,19 +245,18 @@ class ETSSelector:
         for i, b in enumerate(branches):
             parent = b.parent
             if not b.steps or not b.steps[-1].token_ids or parent is None or parent.handle is b.handle:
-                continue  # no step, or a branch extended in place: no KV holds the context before its step
-            if getattr(getattr(parent.handle, "kv", None), "released", False):
+                continue  # no step, or a branch extended in place: nothing holds the context before its step
+            if not self._backend.holds_context(parent):
                 continue  # the parent's KV is gone; the step cannot be placed in context
-            items.append((parent.handle, list(b.steps[-1].token_ids)))
+            items.append((parent, list(b.steps[-1].token_ids)))
             where.append(i)
-        if not items or self._engine is None:
+        if not items or self._backend is None:
             return out
         if not meter.can_afford(sum(len(ids) for _, ids in items)):
             return out  # no coverage information this round rather than a broken budget
-        for start in range(0, len(items), self.embed_batch):
-            results = self._engine.score(items[start:start + self.embed_batch], hidden=True, ledger=meter.ledger)
-            for i, r in zip(where[start:start + self.embed_batch], results):
-                out[i] = r.hidden.float().mean(0).numpy()
+        results = self._backend.score_continuations(items, meter, hidden=True, batch_size=self.embed_batch)
+        for i, r in zip(where, results):
+            out[i] = r.hidden.float().mean(0).numpy()
         return out
 
 

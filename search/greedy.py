@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import dataclass
 
 from ttc.graph import Meter, Problem
@@ -11,23 +9,21 @@ from ttc.result import Result, Tree
 from ttc.search.common import finish, score_or_zero, verifier_cost
 
 
-def at_temperature_zero(proposer):
-    """The proposer itself if it already decodes greedily (or has no sampling parameters, as a remote
-    one may not), else a shallow copy sampling at temperature 0 (same engine, same seeds)."""
-    params = getattr(proposer, "params", None)
-    if params is None or params.temperature == 0:
-        return proposer
-    greedy = copy.copy(proposer)
-    greedy.params = dataclasses.replace(params, temperature=0.0)
-    return greedy
-
-
 @dataclass
 class GreedyDecoding:
-    """The verifier, if any, only scores the one solution (its score is recorded, not used)."""
+    """The verifier, if any, only scores the one solution (its score is recorded, not used).
+
+    n: the number of solutions, always 1 (the key exists so that a sweep over `strategy.n` names it
+    for every strategy; anything else is refused)."""
+
+    n: int = 1
+
+    def __post_init__(self):
+        if self.n != 1:
+            raise ValueError(f"greedy decoding writes one solution: strategy.n must be 1, got {self.n}")
 
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
-        proposer = at_temperature_zero(proposer)
+        proposer = proposer.with_temperature(0.0)
         tree = Tree()
         meter.verifier_cost = verifier_cost(verifier)
         root = proposer.start(problem, meter)

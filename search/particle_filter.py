@@ -34,12 +34,11 @@ reproducible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from ttc.graph import Branch, Meter, Problem
-from ttc.proposer import problem_seed
+from ttc.graph import Branch, Meter, Problem, problem_seed
 from ttc.result import Result, Tree
 from ttc.search.common import finish, score_or_zero, verifier_cost
 from ttc.verifiers.vote import vote
@@ -116,17 +115,6 @@ class Holds:
 
     def __len__(self) -> int:
         return len(self._held)
-
-
-def _compute_pending(proposer, branches) -> None:
-    """Compute the last sampled token of each branch in one batched forward.
-
-    A child's last token is sampled but not yet fed to the model; forking it (here, or in the proposer's
-    next propose) would otherwise run one forward per branch.
-    """
-    engine = getattr(proposer, "engine", None)
-    if engine is not None:
-        engine.forward([b.handle for b in branches if b.handle.num_pending])
 
 
 class Population:
@@ -208,8 +196,10 @@ class Population:
         copies: dict[int, int] = {}
         for j in order:
             copies[ancestors[j]] = copies.get(ancestors[j], 0) + 1
-        _compute_pending(self.proposer, [self.paths[i][-1] for i, k in copies.items() if k > 1])
-        spare = {i: self._fork(self.paths[i][-1], k - 1) for i, k in copies.items() if k > 1}
+        drawn_again = [i for i, k in copies.items() if k > 1]
+        forks = self.proposer.fork([self.paths[i][-1] for i in drawn_again], [copies[i] - 1 for i in drawn_again],
+                                   self.meter)
+        spare = dict(zip(drawn_again, forks))
         taken: set[int] = set()
         paths: list[tuple[Branch, ...] | None] = [None] * len(ancestors)
         for j in order:
@@ -226,14 +216,6 @@ class Population:
         self.paths = paths
         self.log_weights = np.zeros(len(paths))
         self.resampled = True
-
-    def _fork(self, branch: Branch, copies: int) -> list[Branch]:
-        """copies more particles on `branch`: the same step node (id, seed, scores), each on its own KV fork."""
-        engine = getattr(self.proposer, "engine", None)
-        if engine is None:  # a proposer without local KV (a remote server): the copies share the branch
-            return [branch] * copies
-        handles = engine.fork(branch.handle, copies, ledger=self.meter.ledger)
-        return [replace(branch, handle=h) for h in handles]
 
     def close(self) -> None:
         """Release every slot's hold (the reference trajectory's own hold is its owner's)."""
@@ -253,7 +235,7 @@ class ParticleFilter:
     group's share of the final weight; its candidates list every candidate particle's answer, score and weight.
     """
 
-    particles: int = 8
+    n: int = 8  # particles (the one name for a strategy's breadth: `strategy.n`)
     max_steps: int = 20
     temperature_weights: float = 1.0  # T in softmax(score / T): lower follows the verifier more greedily
     resampling: str = "multinomial"  # or "systematic"
@@ -262,10 +244,10 @@ class ParticleFilter:
     final: str = "argmax"  # or "vote": weighted vote over equivalent answers
 
     def __post_init__(self):
-        if self.particles < 1 or self.max_steps < 1 or self.gibbs_sweeps < 0:
-            raise ValueError("particles and max_steps must be at least 1, gibbs_sweeps at least 0")
-        if self.gibbs_sweeps and self.particles < 2:
-            raise ValueError("Particle Gibbs needs at least 2 particles: the reference and one that moves")
+        if self.n < 1 or self.max_steps < 1 or self.gibbs_sweeps < 0:
+            raise ValueError("n (particles) and max_steps must be at least 1, gibbs_sweeps at least 0")
+        if self.gibbs_sweeps and self.n < 2:
+            raise ValueError("Particle Gibbs needs n >= 2 particles: the reference and one that moves")
         if not self.temperature_weights > 0:
             raise ValueError("temperature_weights must be positive")
         if self.resampling not in RESAMPLERS:
@@ -288,7 +270,7 @@ class ParticleFilter:
             pop: Population | None = None
             for sweep in range(self.gibbs_sweeps + 1):
                 if pop is not None:  # a Gibbs sweep: condition on a trajectory of the run before
-                    if not len(pop) or meter.generation_share(self.particles - 1) < 1:
+                    if not len(pop) or meter.generation_share(self.n - 1) < 1:
                         break
                     reference = self._next_reference(pop, reference, holds, rng, tree)
                 pop = Population(proposer, meter, holds, keep_paths=sweep < self.gibbs_sweeps, reference=reference)
@@ -301,7 +283,7 @@ class ParticleFilter:
 
     def _run(self, sweep: int, root: Branch, pop: Population, proposer, verifier, meter: Meter,
              rng: np.random.Generator, tree: Tree) -> None:
-        free = self.particles - (1 if pop.reference else 0)
+        free = self.n - (1 if pop.reference else 0)
         pop.start(self._scored(proposer.propose([root], free, meter), verifier, meter, tree))
         if not len(pop):
             return  # the budget paid for no particle
@@ -311,7 +293,6 @@ class ParticleFilter:
                 moving = pop.moving()
                 if moving:
                     parents = [pop.paths[j][-1] for j in moving]
-                    _compute_pending(proposer, parents)
                     scored = self._scored(proposer.propose(parents, 1, meter), verifier, meter, tree)
                     if not scored:
                         break  # the budget cannot pay for a step

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ttc.graph import Meter, Problem
+from ttc.graph import Branch, Meter, Problem
 from ttc.result import Result, Tree
 from ttc.search.common import finish
 from ttc.verifiers.vote import vote
+
+
+def majority(name: str, problem: Problem, proposer, meter: Meter, tree: Tree, samples: list[Branch],
+             answers: list[str | None]) -> Result:
+    """The Result of a majority vote over finished samples: the winning group's first sample, its share
+    of the samples as the score, and one candidate per answer group with its votes. Allocators that
+    draw their samples in rounds (ttc.search.allocation) answer through this too."""
+    v = vote(answers)
+    candidates = [{"answer": answers[v.groups.index(g)], "votes": c} for g, c in v.counts.items()]
+    if v.winner is None:
+        return finish(name, problem, proposer, meter, tree, samples[0] if samples else None, None, candidates)
+    share = v.counts[v.groups[v.winner]] / len(samples)
+    return finish(name, problem, proposer, meter, tree, samples[v.winner], share, candidates)
 
 
 @dataclass
@@ -23,15 +36,9 @@ class SelfConsistency:
         proposer.release([root])
         try:
             answers = [proposer.answer(b) for b in samples]
-            v = vote(answers)
             for b in samples:
                 tree.add(b, status="final")
-            candidates = [{"answer": answers[v.groups.index(g)], "votes": c} for g, c in v.counts.items()]
-            if v.winner is None:
-                return finish("self_consistency", problem, proposer, meter, tree, samples[0] if samples else None,
-                              None, candidates)
-            share = v.counts[v.groups[v.winner]] / len(samples)
-            return finish("self_consistency", problem, proposer, meter, tree, samples[v.winner], share, candidates)
+            return majority("self_consistency", problem, proposer, meter, tree, samples, answers)
         finally:
             proposer.release(samples)
 

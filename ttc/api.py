@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ttc.backends.local import LocalBackend
 from ttc.budget import Ledger
 from ttc.decoder.cache import PoolExhausted, blocks_needed
 from ttc.decoder.engine import Completion, Engine
@@ -44,6 +45,7 @@ class Model:
 
     def __init__(self, engine: Engine, source: ModelSource, name: str):
         self.engine, self.source, self.name = engine, source, name
+        self.backend = LocalBackend(self)  # what proposers and verifiers talk to
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -95,7 +97,7 @@ class Model:
                 done += wave
         finally:
             engine.release([parent])
-            ledger.wall_s += time.perf_counter() - started
+            ledger.charge_wall(time.perf_counter() - started)
         return outs
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["Ledger", "Budget", "BudgetExceeded"]
+__all__ = ["Ledger", "Budget", "BudgetExceeded", "CannotAttempt"]
 
 
 @dataclass
@@ -34,8 +34,40 @@ class Ledger:
 
     @property
     def total_tokens(self) -> int:
-        """The unit budgets are expressed in: computed tokens (reused KV is not recomputed)."""
+        """The unit budgets are expressed in: computed tokens (reused KV is not recomputed).
+
+        The one definition of "total tokens": records, pools and summaries all go through it
+        (`Ledger.from_record(r).total_tokens`)."""
         return self.computed_tokens
+
+    # -- charging: the only way work enters a ledger -------------------------------------------
+
+    def charge_prefill(self, tokens: int) -> None:
+        """Given tokens (a prompt, appended text) whose KV a forward computed."""
+        self.prefill_tokens += tokens
+
+    def charge_generated(self, tokens: int = 1) -> None:
+        """Tokens the model sampled."""
+        self.generated_tokens += tokens
+
+    def charge_verifier(self, tokens: int) -> None:
+        """Tokens computed on a verifier's behalf (scoring, judging, embedding)."""
+        self.verifier_tokens += tokens
+
+    def charge_reused(self, tokens: int) -> None:
+        """Tokens whose KV came from shared blocks or the prefix cache (not recomputed)."""
+        self.reused_tokens += tokens
+
+    def charge_flops(self, flops: float) -> None:
+        self.flops += flops
+
+    def charge_forward(self, live_kv_bytes: int) -> None:
+        """One batched model forward this ledger took part in, and the KV footprint after it."""
+        self.forward_passes += 1
+        self.observe_kv(live_kv_bytes)
+
+    def charge_wall(self, seconds: float) -> None:
+        self.wall_s += seconds
 
     def observe_kv(self, live_bytes: int) -> None:
         if live_bytes > self.peak_kv_bytes:
@@ -58,6 +90,11 @@ class Ledger:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_record(cls, record: dict) -> "Ledger":
+        """The ledger fields of a results.jsonl record (missing ones are 0)."""
+        return cls(**{f.name: record.get(f.name) or 0 for f in dataclasses.fields(cls)})
+
+    @classmethod
     def sum(cls, ledgers) -> "Ledger":
         out = cls()
         for ledger in ledgers:
@@ -65,7 +102,12 @@ class Ledger:
         return out
 
 
-class BudgetExceeded(RuntimeError):
+class CannotAttempt(Exception):
+    """A problem cannot be attempted within its limits: its budget (BudgetExceeded) or the model's
+    context (ttc.decoder.PromptTooLong). Evals record such a problem as failed, with its partial work."""
+
+
+class BudgetExceeded(CannotAttempt, RuntimeError):
     """Raised when work is requested that the budget cannot pay for."""
 
 

@@ -1,20 +1,23 @@
-"""The data that flows through a search and the three node protocols.
+"""The data that flows through a search, the three node protocols, and the backend capabilities.
 
 Problem -> (Proposer) -> Branches -> (Verifier) -> Scored -> (Selector) -> kept Branches -> ... -> Result.
 
-A Branch is an immutable handle on one partial solution. Its `handle` is the engine's sequence, whose
-KV is shared with its ancestors; search code manipulates branches, never block tables or strings.
-Text appears only at the edges (prompting and answer extraction).
+A Branch is an immutable handle on one partial solution. Its `handle` is the backend's own (the
+engine's sequence, whose KV is shared with its ancestors, for the built-in decoder); search and
+verifier code never look inside it: they talk to a Proposer and to the capabilities of its Backend
+(below), so every strategy and verifier runs unchanged on any backend that has what it needs.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ttc.budget import Budget, Ledger
+from ttc.decoder.sampling import child_seed
 
 _ids = itertools.count(1)
 
@@ -26,6 +29,17 @@ class Problem:
     answer: str | None = None  # reference answer (graders only: never shown to verifiers)
     tests: str | None = None  # for code problems
     metadata: dict = field(default_factory=dict)
+
+
+def as_problem(problem) -> Problem:
+    """A Problem from a Problem, a question string (asked as a user message) or a dict of Problem fields."""
+    if isinstance(problem, Problem):
+        return problem
+    if isinstance(problem, str):
+        return Problem(id="problem", prompt=[{"role": "user", "content": problem}])
+    if isinstance(problem, dict):
+        return Problem(**problem)
+    raise TypeError("a problem is a ttc.Problem, a question string, or a dict of Problem fields")
 
 
 @dataclass(frozen=True)
@@ -125,22 +139,103 @@ class Meter:
         return min(1.0, self.ledger.total_tokens / max(1, self.budget.tokens))
 
 
+def problem_seed(problem_id: str, seed: int) -> int:
+    """A stable per-problem seed (Python's hash() is salted per process)."""
+    return child_seed(seed, zlib.crc32(str(problem_id).encode()))
+
+
+AnswerFn = Callable[[str], "str | None"]  # a solution's text -> its final answer (injected, per dataset)
+
+
 @runtime_checkable
 class Proposer(Protocol):
+    """What every strategy may ask of the node that writes solutions. Nothing else.
+
+    `backend` is the model behind it: verifiers and selectors that need more than text (logprobs of a
+    continuation, hidden states) ask the backend for those capabilities (see `Backend`)."""
+
+    backend: Any
+
     def start(self, problem: Problem, meter: Meter) -> Branch:
         """The root branch: the problem's prompt, prefilled (or found in the prefix cache)."""
 
-    def propose(self, branches: list[Branch], n: int, meter: Meter) -> list[Branch]:
-        """n children per branch, each extended by one step, all in one batched decode."""
+    def propose(self, branches: list[Branch], n: int, meter: Meter, to_end: bool = False) -> list[Branch]:
+        """Extend: n children per unfinished branch, each one step longer (with to_end: finished), all in
+        one batched decode. Children a budget cannot pay for are not returned."""
 
     def complete(self, branches: list[Branch], meter: Meter) -> list[Branch]:
-        """Extend each branch to the end of its solution (no step stops)."""
+        """Extend each unfinished branch in place (no fork) to the end of its solution."""
+
+    def fork(self, branches: list[Branch], copies: list[int], meter: Meter) -> list[list[Branch]]:
+        """Resampling: copies[i] more particles on branches[i], each the same node (id, seed, steps,
+        scores) on its own handle, sharing the original's KV where the backend has KV to share."""
 
     def release(self, branches: list[Branch]) -> None:
         """Return the branches' KV to the pool (their descendants keep what they share)."""
 
     def answer(self, branch: Branch) -> str | None:
-        """The final answer a finished branch states, extracted from its text."""
+        """The final answer a finished branch states, by the injected answer extractor."""
+
+    def with_temperature(self, temperature: float) -> "Proposer":
+        """The same proposer (backend, seeds, settings) sampling at another temperature (0: greedy)."""
+
+
+# -- backend capabilities ---------------------------------------------------------------------------
+
+LOGPROBS = "logprobs"  # logprobs of given continuation tokens, and the next-token distribution after them
+HIDDEN_STATES = "hidden_states"  # final hidden states at the tokens of a continuation / a branch's latest step
+SHARED_KV = "shared_kv"  # fork shares KV blocks (resampling and scratch forks cost no recomputation)
+
+CAPABILITY_WORDS = {LOGPROBS: "logprobs of a continuation", HIDDEN_STATES: "hidden states",
+                    SHARED_KV: "shared KV"}
+
+
+class MissingCapability(RuntimeError):
+    """A verifier or strategy needs something its backend does not provide (one line, says which)."""
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """What a backend reports for given tokens appended to a branch (nothing is sampled)."""
+
+    logprobs: Any  # (n,) float tensor: each given token's logprob
+    last_logprobs: Any  # (V,) float tensor: the next-token log-distribution after the last given token
+    hidden: Any = None  # (n, H) float tensor, with HIDDEN_STATES, when asked for
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model a proposer runs on: the built-in engine (ttc.backends.local) or a server.
+
+    name: the model's name; tokenizer: ttc's Tokenizer (encode, decode, encode_prompt, hf);
+    capabilities: which of LOGPROBS, HIDDEN_STATES, SHARED_KV it has."""
+
+    name: str
+    capabilities: frozenset
+
+    def score_continuations(self, items: Sequence[tuple[Branch, Sequence[int]]], meter: Meter,
+                            hidden: bool = False, batch_size: int = 64) -> list[ContinuationScore]:
+        """Logprobs (and hidden states) of each item's tokens appended to its branch, charged to the
+        meter's ledger as verifier tokens; the branches themselves are unchanged."""
+
+    def holds_context(self, branch: Branch) -> bool:
+        """Whether a continuation can still be scored after this branch (its KV was not released)."""
+
+    def prompt_ids(self, branch: Branch) -> list[int]:
+        """The token ids of the rendered prompt the branch grew from."""
+
+
+def backend_of(model) -> Any:
+    """The backend of a ttc Model (its `.backend`), or the object itself if it is a backend already."""
+    return getattr(model, "backend", model)
+
+
+def require(backend, capability: str, who: str) -> None:
+    """Fail with one clear line unless `backend` has `capability`; `who` is e.g. "verifier=probe"."""
+    if capability not in getattr(backend, "capabilities", frozenset()):
+        kind = getattr(backend, "kind", type(backend).__name__)
+        raise MissingCapability(f"{who} needs {CAPABILITY_WORDS.get(capability, capability)}, which the {kind} "
+                                "backend does not provide")
 
 
 @runtime_checkable

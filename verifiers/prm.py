@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from ttc.graph import Branch, Meter
+from ttc.graph import Branch, Meter, backend_of
 
 __all__ = ["PRMVerifier", "PRMFormat", "MATH_SHEPHERD", "QWEN_PRM", "prompt_question", "load_head"]
 
@@ -232,13 +232,13 @@ class PRMVerifier:
     def __init__(self, model, path, format: str | PRMFormat = "auto", aggregate: str = "last",
                  split: str | None = "\n\n", dtype: str = "auto", kv_cache_gb: float = 1.0,
                  question_fn: Callable[[Branch], str] | None = None, **overrides):
-        import ttc
+        from ttc.api import Model, load  # the PRM is a model of its own, on ttc's decoder
 
         if aggregate not in _AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(_AGGREGATES)}, not {aggregate!r}")
         self.policy = model
-        self.prm = path if isinstance(path, ttc.Model) else ttc.load(str(path), dtype=dtype, kv_cache_gb=kv_cache_gb)
-        self._owns_prm = not isinstance(path, ttc.Model)
+        self.prm = path if isinstance(path, Model) else load(str(path), dtype=dtype, kv_cache_gb=kv_cache_gb)
+        self._owns_prm = not isinstance(path, Model)
         self.engine = self.prm.engine
         self.tokenizer = self.prm.tokenizer
         folder = self.prm.source.path
@@ -352,7 +352,7 @@ class PRMVerifier:
         """Score a whole solution from scratch (no KV reuse): one score per step."""
         meter = meter or Meter()
         ids, rows = self.encode(question, steps)
-        seq = self.engine.new_sequence(ids, meter.ledger, charge="verifier_tokens")
+        seq = self.engine.new_sequence(ids, meter.ledger, charge="verifier")
         try:
             meter.check(seq.num_pending)
             start = seq.kv.num_tokens
@@ -377,12 +377,8 @@ class PRMVerifier:
     def _question(self, branch: Branch) -> str:
         if self.question_fn is not None:
             return self.question_fn(branch)
-        ids = getattr(branch.handle, "token_ids", None)
-        if ids is None:
-            raise TypeError("PRMVerifier reads the question from the branch's token ids; for a remote backend "
-                            "pass question_fn=lambda branch: ...")
-        prompt = list(ids[: len(ids) - branch.num_tokens])
-        return prompt_question(self.policy.tokenizer, prompt)
+        backend = backend_of(self.policy)
+        return prompt_question(backend.tokenizer, backend.prompt_ids(branch))
 
     def _cached(self, b: Branch) -> _Entry | None:
         e = self._entries.get(b.id)
@@ -403,7 +399,7 @@ class PRMVerifier:
                 base = self._nearest_scored(b)
                 if base is None:
                     question = questions[b.id] if b.id in questions else self._question(b)
-                    seq = self.engine.new_sequence(self.prompt_ids(question), meter.ledger, charge="verifier_tokens")
+                    seq = self.engine.new_sequence(self.prompt_ids(question), meter.ledger, charge="verifier")
                     done, scores = 0, ()
                 else:
                     (seq,) = self.engine.fork(base.seq, 1, seeds=[0], ledger=meter.ledger)
@@ -412,7 +408,7 @@ class PRMVerifier:
                 n = len(scores)
                 for step in b.steps[done:]:
                     for text in split_steps(step.text, self.split):
-                        self.engine.extend(seq, self._segment(text, first=n == 0), charge="verifier_tokens")
+                        self.engine.extend(seq, self._segment(text, first=n == 0), charge="verifier")
                         work[-1].rows.append(len(seq.token_ids) - 1)
                         n += 1
             meter.check(sum(w.seq.num_pending for w in work))

@@ -1,6 +1,6 @@
 """A learned probe: logistic regression on the policy's hidden states predicts whether a branch is correct.
 
-Features of a branch: on a scratch fork (`engine.score`), a short fixed suffix is appended (by
+Features of a branch: on a scratch fork (the backend's `score_continuations` with hidden states), a short fixed suffix is appended (by
 default the self-evaluation question) and the final-norm hidden state at its last token is read,
 optionally concatenated with the mean over the suffix's tokens. Cost: the suffix's tokens per branch.
 
@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ttc.graph import Branch, Meter
-from ttc.verifiers.self_eval import DEFAULT_QUESTION, PLAIN_TEMPLATE, judge, judge_suffix_text, uses_chat
+from ttc.graph import HIDDEN_STATES, Branch, Meter, as_problem, backend_of, require
+from ttc.verifiers.self_eval import DEFAULT_QUESTION, PLAIN_TEMPLATE, judge_suffix_text, uses_chat
 
 __all__ = ["ProbeVerifier", "LogisticProbe", "fit_logistic", "roc_auc"]
 
@@ -128,7 +128,9 @@ class ProbeVerifier:
     def __init__(self, model, path: str | None = None, question: str = DEFAULT_QUESTION,
                  template: str = PLAIN_TEMPLATE, chat: bool | None = None, use_mean: bool = True,
                  batch_size: int = 64):
-        self.model, self.engine, self.tokenizer = model, model.engine, model.tokenizer
+        self.backend = backend_of(model)
+        require(self.backend, HIDDEN_STATES, "verifier=probe")
+        self.tokenizer = self.backend.tokenizer
         self.batch_size = batch_size
         self.probe: LogisticProbe | None = None
         self.metadata: dict = {}
@@ -138,7 +140,7 @@ class ProbeVerifier:
         else:
             text = judge_suffix_text(self.tokenizer, question, template, uses_chat(self.tokenizer, chat))
             self.spec = {"suffix_text": text, "suffix_ids": self.tokenizer.encode(text, add_special_tokens=False),
-                         "use_mean": use_mean, "hidden_size": model.config.hidden_size}
+                         "use_mean": use_mean, "hidden_size": self.backend.hidden_size}
         self.cost_per_branch = float(len(self.spec["suffix_ids"]))
         self.cost_per_token = 0.0
 
@@ -154,8 +156,8 @@ class ProbeVerifier:
             return torch.zeros(0, self.num_features)
         ids = self.spec["suffix_ids"]
         meter.check(len(ids) * len(branches))
-        results = judge(self.engine, branches, [ids] * len(branches), meter, hidden=True,
-                        batch_size=self.batch_size)
+        results = self.backend.score_continuations([(b, ids) for b in branches], meter, hidden=True,
+                                                   batch_size=self.batch_size)
         rows = []
         for r in results:
             h = r.hidden.float()  # (n, H)
@@ -178,7 +180,7 @@ class ProbeVerifier:
     def state_dict(self) -> dict:
         p = self.probe
         return {"format": FORMAT_VERSION, "weights": p.weight, "bias": p.bias, "mean": p.mean, "std": p.std,
-                "feature": dict(self.spec), "model": self.model.name, "metadata": self.metadata}
+                "feature": dict(self.spec), "model": self.backend.name, "metadata": self.metadata}
 
     def save(self, path: str) -> None:
         if self.probe is None:
@@ -189,11 +191,11 @@ class ProbeVerifier:
         if state.get("format") != FORMAT_VERSION:
             raise ValueError(f"{where} is not a ttc probe (format {state.get('format')!r})")
         spec = dict(state["feature"])
-        if spec["hidden_size"] != self.model.config.hidden_size:
+        if spec["hidden_size"] != self.backend.hidden_size:
             raise ValueError(f"{where} was trained on hidden size {spec['hidden_size']} ({state['model']}); this "
-                             f"model's is {self.model.config.hidden_size}")
-        if state["model"] != self.model.name:
-            warnings.warn(f"{where} was trained on {state['model']!r}, not {self.model.name!r}", stacklevel=3)
+                             f"model's is {self.backend.hidden_size}")
+        if state["model"] != self.backend.name:
+            warnings.warn(f"{where} was trained on {state['model']!r}, not {self.backend.name!r}", stacklevel=3)
         self.spec = spec
         self.probe = LogisticProbe(state["weights"], state["bias"], state["mean"], state["std"])
         self.metadata = dict(state.get("metadata", {}))
@@ -216,8 +218,7 @@ class ProbeVerifier:
         """
         from tqdm.auto import tqdm
 
-        from ttc.proposer import LocalProposer
-        from ttc.solve import as_problem
+        from ttc.backends.local import LocalProposer  # training samples on the local engine
 
         out = cls(model, **feature_spec)
         # a question string becomes a Problem with its own id (and so its own sampling seed)
@@ -227,7 +228,7 @@ class ProbeVerifier:
             raise ValueError("fit needs training problems")
         meter = Meter()
         proposer = LocalProposer(model, max_tokens=max_tokens, max_step_tokens=max_tokens, temperature=temperature,
-                                 seed=seed)
+                                 seed=seed, answer_fn=lambda text: None)  # rows are graded by grade_fn, not answers
         xs, ys, groups = [], [], []
         bar = tqdm(problems, desc="probe: sampling", disable=not progress)
         for g, problem in enumerate(bar):

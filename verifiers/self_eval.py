@@ -1,6 +1,7 @@
 """Self-evaluation: the policy model judges its own branch, costing only the question's tokens.
 
-On a scratch fork of the branch (`engine.score`), a short question is appended, e.g.
+On a scratch fork of the branch (the backend's `score_continuations`: the LOGPROBS capability), a
+short question is appended, e.g.
 "\\n\\nIs the reasoning above correct so far? Answer Yes or No.\\nAnswer:" (or, for a model with a chat
 template, the assistant turn is closed, the question asked as a user turn and the assistant's turn
 opened), and the score is P(yes) / (P(yes) + P(no)) of the next-token distribution, where P(yes)
@@ -14,7 +15,7 @@ import weakref
 
 import torch
 
-from ttc.graph import Branch, Meter
+from ttc.graph import LOGPROBS, Branch, Meter, backend_of, require
 
 __all__ = ["SelfEvalVerifier", "judge_suffix_text", "word_token_ids", "DEFAULT_QUESTION", "DEFAULT_FINAL_QUESTION",
            "PLAIN_TEMPLATE"]
@@ -71,11 +72,13 @@ class SelfEvalVerifier:
     def __init__(self, model, question: str = DEFAULT_QUESTION, final_question: str = DEFAULT_FINAL_QUESTION,
                  template: str = PLAIN_TEMPLATE, chat: bool | None = None, yes_word: str = "yes",
                  no_word: str = "no", batch_size: int = 64):
-        self.model, self.engine, self.tokenizer = model, model.engine, model.tokenizer
+        self.backend = backend_of(model)
+        require(self.backend, LOGPROBS, "verifier=self_eval")
+        self.tokenizer = self.backend.tokenizer
         self.chat = uses_chat(self.tokenizer, chat)
         self.texts = {False: judge_suffix_text(self.tokenizer, question, template, self.chat),
                       True: judge_suffix_text(self.tokenizer, final_question, template, self.chat)}
-        vocab = model.config.vocab_size
+        vocab = self.backend.vocab_size
         self.yes_ids = torch.tensor([i for i in word_token_ids(self.tokenizer, yes_word) if i < vocab])
         self.no_ids = torch.tensor([i for i in word_token_ids(self.tokenizer, no_word) if i < vocab])
         if not len(self.yes_ids) or not len(self.no_ids):
@@ -92,9 +95,9 @@ class SelfEvalVerifier:
         no second one), nor an end-of-turn token the chat suffix would write again after EOS.
         """
         text = self.texts[branch.finished]
-        ids = getattr(branch.handle, "token_ids", None)
-        if ids and ids[-1] in self.engine.eos_ids:
-            eos = self.tokenizer.decode([ids[-1]])
+        last = branch.steps[-1].token_ids[-1] if branch.steps and branch.steps[-1].token_ids else None
+        if last is not None and last in self.backend.eos_ids:
+            eos = self.tokenizer.decode([last])
             if eos and text.startswith(eos):
                 text = text[len(eos):]
         else:
@@ -114,7 +117,7 @@ class SelfEvalVerifier:
             return []
         suffixes = [self.suffix_ids(b) for b in branches]
         meter.check(sum(len(s) for s in suffixes))
-        results = judge(self.engine, branches, suffixes, meter, hidden=False, batch_size=self.batch_size)
+        results = self.backend.score_continuations(list(zip(branches, suffixes)), meter, batch_size=self.batch_size)
         return [self.yes_probability(r.last_logprobs) for r in results]
 
     def yes_probability(self, logprobs: torch.Tensor) -> float:
@@ -122,22 +125,3 @@ class SelfEvalVerifier:
         yes = torch.logsumexp(logprobs[self.yes_ids], 0)
         no = torch.logsumexp(logprobs[self.no_ids], 0)
         return float(torch.sigmoid(yes - no))
-
-
-def judge(engine, branches: list[Branch], suffixes: list[list[int]], meter: Meter, hidden: bool,
-          batch_size: int = 64):
-    """engine.score of each suffix on a scratch fork of its branch, charging the suffixes as verifier tokens.
-
-    The branches' own pending tokens (the last sampled token of a fresh branch, already charged as
-    generated) are computed first in one batched forward.
-    """
-    if any(b.handle.kv.released for b in branches):
-        raise ValueError("cannot judge a branch whose KV was released; score branches before releasing them")
-    handles = {id(b.handle): b.handle for b in branches if b.handle.num_pending}
-    if handles:
-        engine.forward(list(handles.values()))
-    results = []
-    for i in range(0, len(branches), batch_size):
-        items = [(b.handle, s) for b, s in zip(branches[i:i + batch_size], suffixes[i:i + batch_size])]
-        results.extend(engine.score(items, hidden=hidden, ledger=meter.ledger))
-    return results

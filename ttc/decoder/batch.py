@@ -21,6 +21,7 @@ import torch
 
 from .cache import PoolExhausted, blocks_needed
 from .sampling import SamplingParams, sample
+from .sequence import Completion
 
 
 @dataclass(eq=False)
@@ -130,7 +131,7 @@ class GenerationBatch:
         for (r, i), s, t, lp in zip(slots, batch, tokens.tolist(), logprobs.tolist()):
             s.token_ids.append(t)
             s.logits = None
-            s.ledger.generated_tokens += 1
+            s.ledger.charge_generated(1)
             r.new[i].append(t)
             r.logprobs[i].append(lp)
             if not r.ignore_eos and t in engine.eos_ids:
@@ -155,8 +156,6 @@ class GenerationBatch:
         return finished
 
     def _complete(self, r: Request) -> None:
-        from .engine import Completion
-
         out = []
         for ids, lp, (reason, hit) in zip(r.new, r.logprobs, r.finish):
             text = self.engine.tokenizer.decode(ids[:-1] if reason == "eos" else ids)  # the EOS token is not text

@@ -1,7 +1,7 @@
 """Several threads on one engine: each solves its own problem, and their generate() calls share decode steps.
 
     shared = ConcurrentEngine(model.engine)
-    # in each worker thread: LocalProposer(SharedModel(model, shared), ...) and a strategy, as usual
+    # in each worker thread: LocalProposer(ttc.backends.local.SharedModel(model, shared), ...) and a strategy, as usual
 
 Why: a strategy is plain sequential code (propose, score, select), and one problem alone keeps few
 sequences in flight (greedy: one), which leaves a CPU or GPU mostly idle; batching the sequences of
@@ -32,7 +32,7 @@ import threading
 
 from .batch import GenerationBatch, Request
 
-__all__ = ["ConcurrentEngine", "SharedModel", "Cancelled"]
+__all__ = ["ConcurrentEngine", "Cancelled"]
 
 
 class Cancelled(RuntimeError):
@@ -145,14 +145,3 @@ class ConcurrentEngine:
             if not self._stepping:
                 self._fail_all(Cancelled("cancelled"))
             self._state.notify_all()
-
-
-class SharedModel:
-    """A model whose engine is a ConcurrentEngine: give one to each thread's proposer and verifiers.
-    Everything else (tokenizer, config, dtype, generate helpers) is the wrapped model's."""
-
-    def __init__(self, model, engine: ConcurrentEngine):
-        self._model, self.engine = model, engine
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)

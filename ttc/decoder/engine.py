@@ -10,11 +10,9 @@ token is charged to the sequence's Ledger.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from ttc.budget import Ledger
+from ttc.budget import CannotAttempt, Ledger
 from ttc.kernels import PrefillSeq, plan_decode
 
 from . import cache
@@ -23,41 +21,12 @@ from .cache import KVPool, KVSequence, PoolExhausted
 from .model import Transformer
 from .prefix import PrefixCache
 from .sampling import BranchRng, SamplingParams, child_seed
+from .sequence import Completion, ScoreResult, Sequence, charge_given
 from .tokenizer import Tokenizer
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(CannotAttempt, ValueError):
     """A prompt that leaves no room in the model's context window."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    token_ids: tuple[int, ...]  # the new tokens, stop string included
-    text: str  # their text, cut before the stop string that ended it
-    logprobs: tuple[float, ...]  # each new token's logprob under the model (temperature 1)
-    finish_reason: str  # "stop", "eos" or "length"
-    stop: str | None = None  # the stop string that matched
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    logprobs: torch.Tensor  # (n,) logprob of each given token
-    last_logprobs: torch.Tensor  # (V,) distribution after the last given token
-    hidden: torch.Tensor | None  # (n, H) final-norm hidden state at each given token
-
-
-@dataclass(eq=False)
-class Sequence:
-    token_ids: list[int]
-    kv: KVSequence
-    rng: BranchRng
-    ledger: Ledger
-    logits: torch.Tensor | None = None  # (V,) next-token logits once every token is computed
-    uncharged: dict[str, int] = field(default_factory=dict)  # pending given tokens, by ledger field
-
-    @property
-    def num_pending(self) -> int:
-        return len(self.token_ids) - self.kv.num_tokens
 
 
 class Engine:
@@ -75,7 +44,7 @@ class Engine:
     # ---------------------------------------------------------------------------------------------
     # sequences
 
-    def new_sequence(self, token_ids, ledger: Ledger | None = None, seed: int = 0, charge: str = "prefill_tokens"):
+    def new_sequence(self, token_ids, ledger: Ledger | None = None, seed: int = 0, charge: str = "prefill"):
         """A sequence holding token_ids, with the longest cached prefix reused and the rest pending."""
         token_ids = list(token_ids)
         if not token_ids:
@@ -85,17 +54,18 @@ class Engine:
                 f"prompt of {len(token_ids)} tokens leaves no room in the model's context of "
                 f"{self.cfg.max_position} tokens; shorten it to at most {self.cfg.max_position - 1}")
         ledger = ledger if ledger is not None else Ledger()
+        charge_given(None, charge, 0)  # an unknown kind fails here, not at the forward
         seq = Sequence(token_ids, KVSequence(), BranchRng(seed), ledger)
         if self.prefix is not None:
             # keep at least one token to compute: its logits are the first sample's distribution
             blocks = self.prefix.match(token_ids, max_tokens=len(token_ids) - 1)
             self.pool.incref(blocks)
             seq.kv.blocks, seq.kv.num_tokens = blocks, len(blocks) * self.pool.block_size
-            ledger.reused_tokens += seq.kv.num_tokens
+            ledger.charge_reused(seq.kv.num_tokens)
         seq.uncharged[charge] = seq.num_pending
         return seq
 
-    def extend(self, seq: Sequence, token_ids, charge: str = "prefill_tokens") -> None:
+    def extend(self, seq: Sequence, token_ids, charge: str = "prefill") -> None:
         """Append given tokens (computed by the next forward, charged to `charge`)."""
         if len(seq.token_ids) + len(token_ids) >= self.cfg.max_position:
             raise PromptTooLong(f"extending to {len(seq.token_ids) + len(token_ids)} tokens exceeds the context "
@@ -115,7 +85,7 @@ class Engine:
                 kv = self._with_eviction(lambda: cache.fork(self.pool, seq.kv))
                 child = Sequence(list(seq.token_ids), kv, BranchRng(s), ledger if ledger is not None else seq.ledger,
                                  logits=seq.logits)
-                child.ledger.reused_tokens += kv.num_tokens
+                child.ledger.charge_reused(kv.num_tokens)
                 children.append(child)
         except PoolExhausted:
             self.release(children)
@@ -193,8 +163,7 @@ class Engine:
             self._charge(s, n)
             row += n
         for ledger in {id(s.ledger): s.ledger for s in seqs}.values():
-            ledger.forward_passes += 1
-            ledger.observe_kv(self.pool.live_bytes)
+            ledger.charge_forward(self.pool.live_bytes)
         if cache_prefix and not decode and self.prefix is not None:
             for s in seqs:
                 self.prefix.insert(s.token_ids[: s.kv.num_tokens], s.kv.blocks)
@@ -204,9 +173,9 @@ class Engine:
         start = s.kv.num_tokens - n
         # attention over context start+1 .. start+n: sum of an arithmetic series
         context = n * start + n * (n + 1) // 2
-        s.ledger.flops += n * self._params_flops + self.cfg.attention_flops(1) * context
-        for name, count in s.uncharged.items():
-            setattr(s.ledger, name, getattr(s.ledger, name) + count)
+        s.ledger.charge_flops(n * self._params_flops + self.cfg.attention_flops(1) * context)
+        for kind, count in s.uncharged.items():
+            charge_given(s.ledger, kind, count)
         s.uncharged.clear()  # sampled tokens were charged as generated when they were drawn
 
     # ---------------------------------------------------------------------------------------------
@@ -225,7 +194,7 @@ class Engine:
         return request.completions
 
     def score(self, items: list[tuple[Sequence, list[int]]], hidden: bool = False,
-              charge: str = "verifier_tokens", ledger: Ledger | None = None) -> list[ScoreResult]:
+              charge: str = "verifier", ledger: Ledger | None = None) -> list[ScoreResult]:
         """Logprobs (and hidden states) of given continuations, without sampling or changing the branches.
 
         Each continuation runs on a temporary fork of its branch, so the branch's prefix is not

@@ -1,4 +1,7 @@
-"""Allocation: how a dataset-wide token budget is split across problems (DESIGN.md, Budget).
+"""Allocation: how a dataset-wide token budget is split across problems. Allocators are strategies over
+strategies: Uniform runs the configured strategy under its share; AdaptiveStop and Difficulty draw whole
+solutions in rounds and answer through self-consistency's vote (`majority`) or best-of-n's choice
+(`best_scored`), never a vote of their own.
 
     pool = Pool(total=8192 * len(problems), problems=len(problems))
     allocator = AdaptiveStop(round_size=2, max_samples=16)
@@ -33,15 +36,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ttc.budget import Budget, BudgetExceeded, Ledger
+from ttc.budget import Budget, CannotAttempt, Ledger
 from ttc.graph import Meter, Problem
 from ttc.result import Result, Tree
+from ttc.search.best_of_n import best_scored
+from ttc.search.common import score_or_zero, verifier_cost
+from ttc.search.self_consistency import majority
+from ttc.verifiers.vote import vote
 
 __all__ = ["Pool", "PoolOverdrawn", "Uniform", "AdaptiveStop", "Difficulty", "DEFAULT_TABLE", "fit_table", "OBJECTIVES",
            "record_tokens", "BANDS"]
-
-LEDGER_TOKEN_FIELDS = ("prefill_tokens", "generated_tokens", "verifier_tokens")  # Ledger.total_tokens
-
 
 class PoolOverdrawn(RuntimeError):
     """A problem spent more than the pool held (a bug: every problem runs under a cap the pool can pay)."""
@@ -49,7 +53,7 @@ class PoolOverdrawn(RuntimeError):
 
 def record_tokens(record: dict) -> int:
     """The computed tokens a results.jsonl record spent (its ledger's total_tokens)."""
-    return int(sum(int(record.get(k) or 0) for k in LEDGER_TOKEN_FIELDS))
+    return int(Ledger.from_record(record).total_tokens)
 
 
 @dataclass
@@ -161,7 +165,7 @@ class _Allocator:
         try:
             result = body(meter)
         finally:
-            meter.ledger.wall_s += time.perf_counter() - started
+            meter.ledger.charge_wall(time.perf_counter() - started)
             self.last_given = int(meter.budget.tokens)  # body may raise the cap (Difficulty)
             pool.charge(meter.ledger.total_tokens, ticket)
         return result, self.last_given
@@ -174,9 +178,6 @@ def _sample_rounds(proposer, root, meter: Meter, verifier, samples: list, answer
     each, until the vote is decided, the leader's share reaches `confidence` (after at least 2 rounds),
     a sample's verifier score reaches `verified` (if set), `max_samples` are drawn, or the meter cannot
     pay another round. Returns why it stopped."""
-    from ttc.search.common import score_or_zero, verifier_cost
-    from ttc.verifiers.vote import vote
-
     if verifier is not None:
         meter.verifier_cost = verifier_cost(verifier)
     cost_per_sample = _cost_per_sample(tree)
@@ -224,31 +225,13 @@ def _cost_per_sample(tree: Tree) -> int:
     return max((h.get("cost_per_sample", 0) for h in tree.history), default=0)
 
 
-def _vote_result(name: str, problem: Problem, proposer, meter: Meter, tree: Tree, samples: list, answers: list,
-                 scores: list, by_score: bool = False, weighted: bool = False) -> Result:
-    """A Result like self-consistency's: candidates with votes, the winner's first sample chosen.
-    by_score: best-of-n's choice (the highest verifier score) instead of the vote. weighted: the vote
-    sums verifier scores instead of counting samples (best-of-n's weighted vote)."""
-    from ttc.search.common import finish
-    from ttc.verifiers.vote import vote
-
-    weights = [x if x is not None else 0.0 for x in scores] if weighted and any(x is not None for x in scores) \
-        else None
-    v = vote(answers, weights=weights)
-    candidates = [{"answer": answers[v.groups.index(g)], "votes": c} for g, c in v.counts.items()]
-    if by_score and samples and any(s is not None for s in scores):
-        best = max(range(len(samples)), key=lambda i: scores[i] if scores[i] is not None else -math.inf)
-        for c, g in zip(candidates, v.counts):
-            c["score"] = max((s for s, h in zip(scores, v.groups) if h == g and s is not None), default=None)
-        return finish(name, problem, proposer, meter, tree, samples[best], scores[best], candidates)
-    if v.winner is None:
-        return finish(name, problem, proposer, meter, tree, samples[0] if samples else None, None, candidates)
-    if weights is not None:
-        members = [i for i, g in enumerate(v.groups) if g == v.groups[v.winner]]
-        best = max(members, key=lambda i: weights[i])
-        return finish(name, problem, proposer, meter, tree, samples[best], weights[best], candidates)
-    share = v.counts[v.groups[v.winner]] / len(samples)
-    return finish(name, problem, proposer, meter, tree, samples[v.winner], share, candidates)
+def _decide(name: str, problem: Problem, proposer, meter: Meter, tree: Tree, samples: list, answers: list,
+            scores: list, by_score: bool = False, weighted: bool = False) -> Result:
+    """Answer from the samples drawn: best-of-n's choice (by_score: the highest verifier score; weighted:
+    the score-weighted vote) when every sample was scored, else self-consistency's majority vote."""
+    if (by_score or weighted) and samples and all(x is not None for x in scores):
+        return best_scored(name, problem, proposer, meter, tree, samples, answers, scores, weighted=not by_score)
+    return majority(name, problem, proposer, meter, tree, samples, answers)
 
 
 # --- the allocators ----------------------------------------------------------------------------
@@ -303,8 +286,8 @@ class AdaptiveStop(_Allocator):
                                      self.max_samples, self.confidence, tree,
                                      verified=self.verified if verifier is not None else None)
                 tree.history.append({"stopped": why})
-                return _vote_result(self.name, problem, proposer, meter, tree, samples, answers, scores,
-                                    weighted=self.weighted)
+                return _decide(self.name, problem, proposer, meter, tree, samples, answers, scores,
+                               weighted=self.weighted)
             finally:
                 proposer.release([root, *samples])
 
@@ -363,8 +346,6 @@ class Difficulty(_Allocator):
 
     def band(self, answers: list[str | None], scores: list[float | None] | None = None) -> str:
         """easy / medium / hopeless from the first pass's answers (and verifier scores, if any)."""
-        from ttc.verifiers.vote import vote
-
         v = vote(answers)
         scored = [s for s in (scores or []) if s is not None]
         if v.winner is None:
@@ -385,8 +366,6 @@ class Difficulty(_Allocator):
         first_cap = pool.grant(share, ticket)
 
         def body(meter: Meter) -> Result:
-            from ttc.search.common import score_or_zero, verifier_cost
-
             tree = Tree()
             if verifier is not None:
                 meter.verifier_cost = verifier_cost(verifier)
@@ -413,8 +392,8 @@ class Difficulty(_Allocator):
                     why = _sample_rounds(proposer, root, meter, verifier, samples, answers, scores, self.round_size,
                                          self.max_samples, self.confidence, tree, rounds_done=1)
                 tree.history.append({"stopped": why})
-                return _vote_result(self.name, problem, proposer, meter, tree, samples, answers, scores,
-                                    by_score=entry["strategy"] == "best_of_n" and verifier is not None)
+                return _decide(self.name, problem, proposer, meter, tree, samples, answers, scores,
+                               by_score=entry["strategy"] == "best_of_n" and verifier is not None)
             finally:
                 proposer.release([root, *samples])
 
@@ -454,16 +433,17 @@ def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, st
     `objective(accuracy, mean computed tokens)` over that band's problems (default: accuracy per
     token; ties: the more accurate, then the cheaper). Bands no training problem fell in keep
     DEFAULT_TABLE's entry. proposer: a proposer, or a callable returning a fresh one per problem.
-    grade_fn(problem, answer) -> bool. Returns the table; `fit_table.last_stats` holds the trials.
+    grade_fn(problem, answer) -> bool. Returns the table; `fit_table.last_stats` holds the trials and
+    `fit_table.last_ledger` their summed ledger: the fitting's cost, which a run reports as its own.
     concurrency > 1 tries that many problems at once in threads (the proposer factory's model should
     then run on a ttc.decoder.concurrent.ConcurrentEngine); the table does not depend on it.
     """
-    from ttc.decoder import PromptTooLong
-
     options = [dict(o) for o in (options or DEFAULT_OPTIONS)
                if verifier is not None or o["strategy"] != "best_of_n"]
     horizon = int(math.ceil(max(o["cap_factor"] for o in options))) + 1
     make = proposer if not hasattr(proposer, "start") else (lambda: proposer)
+    spent: list[Ledger] = []  # every trial's ledger (list.append is atomic under threads)
+
     def trials(problem: Problem) -> list[tuple[str, int, bool, int]]:
         """(band, option index, correct, tokens) of every option on one problem."""
         out = []
@@ -474,8 +454,9 @@ def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, st
             try:
                 result, _ = allocator.solve(problem, make(), verifier, None, pool, ledger=ledger)
                 correct = bool(grade_fn(problem, result.answer))
-            except (BudgetExceeded, PromptTooLong):  # the option cannot attempt this problem
+            except CannotAttempt:  # the option cannot attempt this problem
                 correct = False
+            spent.append(ledger)
             out.append((allocator.last_band or "hopeless", i, correct, ledger.total_tokens))
         return out
 
@@ -504,4 +485,5 @@ def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, st
         table[band] = dict(options[max(by_option, key=key)])
     fit_table.last_stats = {b: {options[i]["strategy"] + f"x{options[i]['cap_factor']:g}": v for i, v in d.items()}
                             for b, d in stats.items()}
+    fit_table.last_ledger = Ledger.sum(spent)
     return table

@@ -1,23 +1,79 @@
-"""The built-in proposer: forks branches on the local engine and extends all children in one batched decode."""
+"""The built-in backend: ttc's own decoder, and the proposer that forks branches on it.
+
+    backend = LocalBackend(model)            # or model.backend
+    proposer = LocalProposer(model, seed=0, answer_fn=dataset.extract)
+
+`LocalBackend` answers the capability calls of verifiers and selectors (logprobs and hidden states of
+a continuation on a scratch fork, so the branch's prefix is never recomputed). `LocalProposer` forks
+branches on the engine and extends all children in one batched decode. Both hide the engine: no
+strategy or verifier sees a Sequence, a block table or the engine itself.
+"""
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable
+import copy
+import dataclasses
+from dataclasses import replace
+from typing import Sequence
 
 from ttc.decoder.sampling import SamplingParams, child_seed
-from ttc.graph import Branch, Meter, Problem, Step
+from ttc.graph import (HIDDEN_STATES, LOGPROBS, SHARED_KV, AnswerFn, Branch, ContinuationScore, Meter, Problem, Step,
+                       backend_of, problem_seed)
+
+__all__ = ["LocalBackend", "LocalProposer", "SharedModel", "problem_seed"]
 
 
-def problem_seed(problem_id: str, seed: int) -> int:
-    """A stable per-problem seed (Python's hash() is salted per process)."""
-    return child_seed(seed, zlib.crc32(str(problem_id).encode()))
+class LocalBackend:
+    """The capabilities of a model on ttc's own engine: every one of them (logprobs, hidden states, shared KV)."""
+
+    kind = "local"
+    capabilities = frozenset({LOGPROBS, HIDDEN_STATES, SHARED_KV})
+
+    def __init__(self, model):
+        self.model, self.engine, self.tokenizer = model, model.engine, model.tokenizer
+        self.name = model.name
+        cfg = model.config
+        self.vocab_size, self.hidden_size, self.max_position = cfg.vocab_size, cfg.hidden_size, cfg.max_position
+        self.eos_ids = frozenset(self.engine.eos_ids)
+
+    def holds_context(self, branch: Branch) -> bool:
+        return not branch.handle.kv.released
+
+    def prompt_ids(self, branch: Branch) -> list[int]:
+        """The token ids of the prompt a branch grew from (its problem, rendered)."""
+        ids = branch.handle.token_ids
+        return list(ids[: len(ids) - branch.num_tokens])
+
+    def score_continuations(self, items: Sequence[tuple[Branch, Sequence[int]]], meter: Meter,
+                            hidden: bool = False, batch_size: int = 64) -> list[ContinuationScore]:
+        """`engine.score` of each continuation on a scratch fork of its branch, `batch_size` at a time,
+        charging the continuations as verifier tokens.
+
+        The branches' own pending tokens (the last sampled token of a fresh branch, already charged as
+        generated) are computed first, in one batched forward."""
+        if any(not self.holds_context(b) for b, _ in items):
+            raise ValueError("cannot score after a branch whose KV was released; score branches before releasing them")
+        pending = {id(b.handle): b.handle for b, _ in items if b.handle.num_pending}
+        if pending:
+            self.engine.forward(list(pending.values()))
+        out: list[ContinuationScore] = []
+        for i in range(0, len(items), batch_size):
+            chunk = [(b.handle, list(ids)) for b, ids in items[i:i + batch_size]]
+            for r in self.engine.score(chunk, hidden=hidden, ledger=meter.ledger):
+                out.append(ContinuationScore(r.logprobs, r.last_logprobs, r.hidden))
+        return out
 
 
-def default_answer(text: str) -> str | None:
-    from ttc.verifiers.math import extract_answer
+class SharedModel:
+    """A model whose engine is a ConcurrentEngine (ttc.decoder.concurrent): give one to each thread's
+    proposer and verifiers. Everything else (tokenizer, config, dtype, generate) is the wrapped model's."""
 
-    return extract_answer(text)
+    def __init__(self, model, engine):
+        self._model, self.engine = model, engine
+        self.backend = LocalBackend(self)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 class LocalProposer:
@@ -30,8 +86,9 @@ class LocalProposer:
 
     def __init__(self, model, step_stop: tuple[str, ...] = ("\n\n",), max_step_tokens: int = 256,
                  max_tokens: int = 768, temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0,
-                 min_p: float = 0.0, seed: int = 0, answer_fn: Callable[[str], str | None] = default_answer):
-        self.model, self.engine = model, model.engine
+                 min_p: float = 0.0, seed: int = 0, answer_fn: AnswerFn | None = None):
+        self.backend = backend_of(model)
+        self.model, self.engine = self.backend.model, self.backend.engine
         self.step_stop = tuple(step_stop)
         self.max_step_tokens, self.max_tokens = max_step_tokens, max_tokens
         self.params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
@@ -107,11 +164,21 @@ class LocalProposer:
             children.append(parent.child(h, step, seed, finished))
         return children
 
-    def fork(self, branch: Branch, n: int, meter: Meter) -> list[Branch]:
-        """n copies of a branch sharing its KV (resampling); each copy draws its own seeds from here on."""
-        handles = self.engine.fork(branch.handle, n, seeds=self._seeds(branch, n), ledger=meter.ledger)
-        return [Branch(handle=h, steps=branch.steps, parent=branch.parent, scores=branch.scores,
-                       finished=branch.finished, seed=h.rng.seed) for h in handles]
+    def fork(self, branches: list[Branch], copies: list[int], meter: Meter) -> list[list[Branch]]:
+        """copies[i] more particles on branches[i]: the same node (id, seed, scores), each on its own KV
+        fork. The branches' pending tokens are computed first in one batched forward, not one per fork."""
+        self.engine.forward([b.handle for b in branches if b.handle.num_pending])
+        return [[replace(b, handle=h) for h in self.engine.fork(b.handle, k, ledger=meter.ledger)] if k > 0 else []
+                for b, k in zip(branches, copies)]
+
+    def with_temperature(self, temperature: float) -> "LocalProposer":
+        """Itself if it already samples at `temperature`, else a shallow copy that does (same engine, same
+        seed streams and expansion counts)."""
+        if self.params.temperature == temperature:
+            return self
+        other = copy.copy(self)
+        other.params = dataclasses.replace(self.params, temperature=temperature)
+        return other
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -119,4 +186,7 @@ class LocalProposer:
         self.engine.release([b.handle for b in branches])
 
     def answer(self, branch: Branch) -> str | None:
+        if self.answer_fn is None:
+            raise ValueError("this proposer has no answer extractor: pass answer_fn= (e.g. a dataset's extract, "
+                             "or ttc.verifiers.math.extract_answer)")
         return self.answer_fn(branch.text)
