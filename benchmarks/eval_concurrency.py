@@ -30,7 +30,7 @@ JOBS = {"greedy": ["strategy=greedy"], "self_consistency n=8": ["strategy=self_c
 def config(problems: int, concurrency: int, job: list[str]) -> dict:
     overrides = ["dataset=reasoning_gym", "dataset.task=chain_sum",
                  "dataset.options={min_terms:2,max_terms:2,min_digits:1,max_digits:2}", f"dataset.size={problems}",
-                 "strategy.max_tokens=128", "budget.tokens=4096", "progress=false", f"concurrency={concurrency}", *job]
+                 "proposer.max_tokens=128", "budget.tokens=4096", "progress=false", f"concurrency={concurrency}", *job]
     with initialize_config_module(config_module="ttc.configs", version_base="1.3"):
         return config_dict(compose("eval", overrides=overrides))
 

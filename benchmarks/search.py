@@ -9,8 +9,8 @@ Sampling streams are the same, but prefilled and decoded logits differ in the la
 sampled token can flip and the two trees can drift apart; the table shows the generated tokens too.
 
 Width N is the number of trajectories per round, as in search-and-learn and the ETS paper:
-beam = Beam(width=N/expand, expand), dvts = DVTS(N/expand subtrees of one beam each, expand),
-ets = ETS(width=N/expand, expand). The verifier is free (the geometric-mean token probability of the
+beam = Beam(n=N/expand, expand), dvts = DVTS(N/expand subtrees of one beam each, expand),
+ets = ETS(n=N/expand, expand). The verifier is free (the geometric-mean token probability of the
 step), so computed tokens are the proposer's (and ETS's embeddings).
 
     python benchmarks/search.py [--problems 3] [--width 16] [--expand 4] [--max-depth 10] [--record]
@@ -70,9 +70,9 @@ class MeanProbabilityVerifier:
 
 def strategies(width: int, expand: int, max_depth: int) -> dict:
     beams = max(1, width // expand)
-    return {"beam": Beam(width=beams, expand=expand, max_depth=max_depth),
-            "dvts": DVTS(width=beams, subtrees=beams, expand=expand, max_depth=max_depth),
-            "ets": ETS(width=beams, expand=expand, max_depth=max_depth)}
+    return {"beam": Beam(n=beams, expand=expand, max_depth=max_depth),
+            "dvts": DVTS(n=beams, subtrees=beams, expand=expand, max_depth=max_depth),
+            "ets": ETS(n=beams, expand=expand, max_depth=max_depth)}
 
 
 def run(model, proposer_cls, strategy, problems, args) -> dict:

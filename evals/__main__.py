@@ -1,6 +1,7 @@
 """`ttc-eval` / `python -m ttc.evals`: the Hydra entry point (the only place a DictConfig exists).
 
     ttc-eval strategy=self_consistency strategy.n=8 dataset=gsm8k dataset.limit=50 budget.tokens=8192
+    ttc-eval strategy=beam strategy.n=4 proposer.max_tokens=256 verifier=calculator
     ttc-eval dataset=reasoning_gym dataset.task=chain_sum dataset.options={min_terms:2,max_terms:2}
     ttc-eval experiment=chain_sum_quick hydra.run.dir=runs/quick      # run again to resume
     ttc-eval --multirun strategy.n=1,2,4,8,16                          # one folder per job
@@ -20,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ttc.evals.build import ConfigError
 from ttc.evals.datasets import DatasetError
-from ttc.evals.runner import ResumeError, run_eval, summary_table
+from ttc.evals.results import ResumeError
+from ttc.evals.runner import run_eval, summary_table
 
 
 def config_dict(cfg: DictConfig) -> dict:

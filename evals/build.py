@@ -4,24 +4,35 @@ Configs arrive here as plain dicts (the CLI converts Hydra's DictConfig at the e
 a `_target_` is built by calling that class or function with the node's other keys; nested nodes
 with a `_target_` are built first. Objects the run owns (the policy model) are injected into every
 target that names a matching parameter, unless the config sets it.
+
+    run = build_run(cfg, dataset, done, names)   # everything a run needs before its first problem
+
+builds the model (shared by threads with `concurrency`), a proposer factory (one proposer per
+problem, from the `proposer` node, with the model, seed and the dataset's answer extractor
+injected), the strategy, the verifier (training a probe first if its file is missing), and the
+allocation (fitting a difficulty table first if asked), and says what that training cost.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass
-from typing import Any
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
+from ttc.budget import Budget, Ledger
 from ttc.evals.datasets import Dataset
 
-__all__ = ["ConfigError", "locate", "instantiate", "accepts", "missing_keys", "split_strategy", "build_dataset",
-           "eval_split", "train_split", "PROPOSER_KEYS", "TRAIN_SEED_OFFSET", "load_model"]
+__all__ = ["ConfigError", "locate", "instantiate", "accepts", "missing_keys", "build_dataset", "eval_split",
+           "train_split", "TRAIN_SEED_OFFSET", "load_model", "proposer_factory", "build_verifier", "build_allocation",
+           "build_run", "Run", "run_names", "run_label"]
+
+log = logging.getLogger(__name__)
 
 ALLOWED_PREFIX = "ttc."
 MISSING = "???"  # Hydra's mandatory-value marker, kept as a string by OmegaConf.to_container
-# Strategy-config keys that configure the proposer, not the strategy (popped and given to LocalProposer).
-PROPOSER_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "max_step_tokens", "step_stop")
 TRAIN_SEED_OFFSET = 1_000_000  # a reasoning-gym training seed far from any evaluated one
 
 
@@ -100,29 +111,12 @@ def instantiate(node: Any, name: str = "config", **inject) -> Any:
     return obj(**kwargs)
 
 
-# --- strategies -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StrategySpec:
-    config: dict  # the strategy's own keys (with _target_)
-    proposer: dict  # LocalProposer keyword arguments
-
-
-def split_strategy(cfg: dict) -> StrategySpec:
-    """Separate the proposer's settings (temperature, top_p, max_tokens, ...) from the strategy's."""
-    cfg = dict(cfg)
-    proposer = {k: cfg.pop(k) for k in PROPOSER_KEYS if k in cfg}
-    if isinstance(proposer.get("step_stop"), (list, str)):
-        stops = proposer["step_stop"]
-        proposer["step_stop"] = (stops,) if isinstance(stops, str) else tuple(stops)
-    return StrategySpec(cfg, proposer)
-
-
 # --- datasets ---------------------------------------------------------------------------------
 
 def eval_split(cfg: dict) -> dict:
-    """The evaluated split: the dataset config without its `train_*` keys."""
-    return {k: v for k, v in cfg.items() if not k.startswith("train_")}
+    """The evaluated split: the dataset config without its `train_*` keys and its `shard` (which the runner
+    takes after the dataset is built: ttc.evals.shard; loaders never see it)."""
+    return {k: v for k, v in cfg.items() if not k.startswith("train_") and k != "shard"}
 
 
 def train_split(cfg: dict) -> dict:
@@ -164,3 +158,189 @@ def load_model(cfg: dict):
         _loaded.clear()  # one model in memory at a time
         _loaded[key] = instantiate(cfg, "model")
     return _loaded[key]
+
+
+# --- proposers ----------------------------------------------------------------------------------
+
+def proposer_factory(node: dict, model, seed: int, answer_fn: Callable[[str], str | None]) -> Callable[[], Any]:
+    """A function returning a fresh proposer built from the `proposer` node (one per problem: a proposer
+    counts the children drawn per branch), with `model`, `seed` and `answer_fn` injected. One is built
+    here already, so that a config error shows before any work is done."""
+    node = dict(node)
+
+    def make():
+        return instantiate(node, "proposer", model=model, seed=seed, answer_fn=answer_fn)
+
+    if make() is None:
+        raise ConfigError("proposer._target_ is not set: choose a proposer (proposer=local)")
+    return make
+
+
+# --- verifiers, with probe training on demand -------------------------------------------------
+
+def build_verifier(cfg: dict, model, names: dict):
+    """The verifier (None without a `_target_`), built with the policy model injected.
+
+    A verifier class with a `fit` classmethod (the learned probe) whose `path` is unset or names no
+    file is trained first on the dataset's training split, and cached: see `ttc.evals.probe_training`.
+    """
+    node = dict(cfg.get("verifier") or {})
+    if node.get("_target_") is None:
+        return None
+    cls = locate(node["_target_"])
+    if hasattr(cls, "fit") and "path" in node:
+        path = node["path"]
+        if path in (None, MISSING) or not Path(str(path)).expanduser().is_file():
+            from ttc.evals.probe_training import ensure_probe
+
+            node["path"] = str(ensure_probe(cfg, model, names, path=None if path in (None, MISSING) else path))
+    return instantiate(node, "verifier", model=model)
+
+
+def training_cost(verifier) -> Ledger | None:
+    """What training a learned verifier cost (its rollouts, as `fit` recorded them in the probe's
+    metadata, whether trained by this run or loaded from a file); None for other verifiers."""
+    fields = (getattr(verifier, "metadata", None) or {}).get("ledger") if hasattr(type(verifier), "fit") else None
+    return Ledger.from_record(fields) if fields else None
+
+
+def _share_verifier_engine(verifier, engine) -> None:
+    """A verifier with an engine of its own (a PRM) gets it wrapped too: engines are not thread-safe."""
+    from ttc.decoder.concurrent import ConcurrentEngine
+
+    own = getattr(verifier, "engine", None)
+    if own is not None and own is not engine and not isinstance(own, ConcurrentEngine):
+        verifier.engine = ConcurrentEngine(own)
+
+
+# --- allocation -------------------------------------------------------------------------------
+
+def build_allocation(cfg: dict, model, dataset: Dataset, done: dict, verifier,
+                     shard=None) -> tuple[Any, Any, Ledger | None]:
+    """(allocator, pool, fitting cost) for `allocation=<name>`, or (None, None, None) for `allocation=none`.
+
+    The pool holds `allocation.total_tokens` (default: budget.tokens x problems) and is rebuilt from
+    the finished records, so a resumed run goes on with what is left. `shard` (a ttc.evals.shard.Shard,
+    `dataset` being its problems): the total is the whole dataset's, and the pool holds this shard's
+    share of it (`Shard.share`: in proportion to its problems; the shards' pools sum to the total). A Difficulty allocator with
+    `train` and no table fits its table first on the dataset's training split (never evaluated); the
+    third item is that fitting's summed ledger (None when nothing was fitted).
+    """
+    from ttc.search.allocation import Pool
+
+    node = dict(cfg.get("allocation") or {})
+    total = node.pop("total_tokens", None)
+    if node.get("_target_") is None:
+        return None, None, None
+    allocator = instantiate(node, "allocation", model=model)
+    if total is None:
+        per_problem = (cfg.get("budget") or {}).get("tokens")
+        if per_problem is None:
+            raise ConfigError("an allocation needs a token total: set allocation.total_tokens or budget.tokens")
+        total = int(per_problem) * (len(dataset) if shard is None else shard.size)
+    if shard is not None:
+        total = shard.share(int(total))
+    ids = {p.id for p in dataset.problems}
+    pool = Pool.from_records(int(total), len(dataset), (r for r in done.values() if r["id"] in ids))
+    pool.concurrency = max(1, int(cfg.get("concurrency") or 1))
+    train = getattr(allocator, "train", None)
+    if not train or node.get("table"):
+        return allocator, pool, None
+    return allocator, pool, _fit_difficulty_table(cfg, model, allocator, pool, verifier, dict(train))
+
+
+def _fit_difficulty_table(cfg: dict, model, allocator, pool, verifier, train: dict) -> Ledger:
+    """Fit `allocator.table` on `train["problems"]` training problems; return what the trials cost."""
+    from ttc.search.allocation import OBJECTIVES, fit_table
+
+    objective = train.get("objective", "accuracy_per_token")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"allocation.train.objective: {objective!r}; choose one of {sorted(OBJECTIVES)}")
+    problems = build_dataset(train_split(cfg["dataset"]))
+    training = problems.problems[: int(train.get("problems", 16))]
+    allocator.table = fit_table(
+        training, proposer_factory(cfg["proposer"], model, int(cfg.get("seed", 0)), problems.extract),
+        problems.grade, verifier=verifier,
+        tokens_per_problem=int(train.get("tokens_per_problem") or pool.total // pool.problems),
+        first_pass=allocator.first_pass, round_size=allocator.round_size, max_samples=allocator.max_samples,
+        options=train.get("options"), objective=OBJECTIVES[objective], concurrency=pool.concurrency)
+    log.info("difficulty table fitted on %d training problems: %s", len(training), allocator.table)
+    return fit_table.last_ledger
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a run builds once from its config, before its first problem."""
+
+    model: Any  # the policy; a SharedModel over `engine` when problems are solved concurrently
+    strategy: Any
+    verifier: Any
+    make_proposer: Callable[[], Any]  # a fresh proposer per problem
+    make_budget: Callable[[], Any]  # a fresh per-problem Budget (its wall clock starts when it is made)
+    allocator: Any = None  # with a dataset-wide allocation: the allocator and its Pool
+    pool: Any = None
+    engine: Any = None  # the ConcurrentEngine the worker threads share (concurrency > 1)
+    concurrency: int = 1
+    training: dict[str, Ledger] = field(default_factory=dict)  # "probe", "difficulty_table": what training cost
+
+
+def build_run(cfg: dict, dataset: Dataset, done: dict, names: dict, shard=None) -> Run:
+    """Build `cfg`'s objects for solving `dataset` (`done`: the finished records, for the pool; `shard`: the
+    ttc.evals.shard.Shard that `dataset` is, whose share of a dataset-wide budget the pool holds)."""
+    model, engine = load_model(cfg["model"]), None
+    concurrency = max(1, int(cfg.get("concurrency") or 1))
+    if concurrency > 1:
+        from ttc.backends.local import SharedModel
+        from ttc.decoder.concurrent import ConcurrentEngine
+
+        engine = ConcurrentEngine(model.engine)
+        model = SharedModel(model, engine)
+    make_proposer = proposer_factory(cfg["proposer"], model, int(cfg.get("seed", 0)), dataset.extract)
+    strategy = instantiate(cfg["strategy"], "strategy", model=model)
+    verifier = build_verifier(cfg, model, names)  # may train a probe first
+    if engine is not None and verifier is not None:
+        _share_verifier_engine(verifier, engine)
+    allocator, pool, table_cost = build_allocation(cfg, model, dataset, done, verifier, shard)
+    costs = {"probe": training_cost(verifier), "difficulty_table": table_cost}
+    # Every run starts with a cold prefix cache, so that its compute does not depend on which jobs of
+    # a sweep (or which probe training) ran before it in this process.
+    clear = getattr(getattr(model, "engine", None), "clear_prefix_cache", None)
+    if clear is not None:
+        clear()
+    return Run(model, strategy, verifier, make_proposer, budget_factory(cfg["budget"]), allocator, pool, engine,
+               concurrency, {k: v for k, v in costs.items() if v is not None})
+
+
+def budget_factory(node: dict) -> Callable[[], Budget]:
+    """A fresh per-problem Budget from the `budget` node (a plain dict of limits is a ttc.Budget)."""
+    node = dict(node)
+    return lambda: instantiate(node, "budget") if node.get("_target_") else Budget(**node)
+
+
+# --- names --------------------------------------------------------------------------------------
+
+def run_names(cfg: dict, names: dict | None = None) -> dict:
+    """The config-group choices ({"strategy": "best_of_n", ...}): the CLI's where given, else like them
+    from the `_target_`s: a target's module (search/<name>.py, verifiers/<name>.py), a dataset
+    loader's name without `load_`."""
+    derived = {}
+    for group in ("strategy", "verifier", "dataset"):
+        target = (cfg.get(group) or {}).get("_target_")
+        parts = target.split(".") if target else []
+        if group == "dataset":
+            derived[group] = parts[-1].removeprefix("load_") if parts else None
+        else:
+            derived[group] = parts[-2] if len(parts) >= 2 else None
+    return {**derived, **{k: v for k, v in (names or {}).items() if v is not None}}
+
+
+def run_label(names: dict) -> str:
+    """strategy(+verifier); with an allocator, its name instead of the strategy's (adaptive_stop and
+    difficulty run their own sampling; uniform runs the strategy: "uniform/self_consistency")."""
+    verifier, allocation = names.get("verifier"), names.get("allocation")
+    base = str(names.get("strategy"))
+    if allocation not in (None, "none"):
+        base = f"uniform/{base}" if allocation == "uniform" else str(allocation)
+    return f"{base}+{verifier}" if verifier not in (None, "none") else base

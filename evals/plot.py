@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ttc.evals.metrics import accuracy_vs_compute
-from ttc.evals.runner import SUMMARY
+from ttc.evals.results import SUMMARY
 
 X_LABELS = {"mean_tokens": "computed tokens per problem", "mean_flops": "FLOPs per problem",
             "mean_generated_tokens": "generated tokens per problem", "mean_wall_s": "seconds per problem"}
@@ -53,7 +53,7 @@ def points_table(summaries: list[dict], x: str = "mean_tokens") -> str:
 
 def _run_name(s: dict) -> str:
     config = s.get("strategy_config") or {}
-    knobs = [f"{k}={config[k]}" for k in ("n", "width", "expand", "particles", "weighted") if k in config]
+    knobs = [f"{k}={config[k]}" for k in ("n", "expand", "weighted") if k in config]
     name = str(s.get("label"))
     if s.get("allocation"):
         name = _allocation_label(s)

@@ -8,9 +8,12 @@ reference, which is also the CPU fast path. `reference()` forces the references 
 | decode attention over shared prefixes | `attention.decode_attention` | `attention_triton.decode_attention` |
 | RMSNorm (+ residual add) | `norm.rms_norm_reference` | `norm_triton.rms_norm` |
 | rotary embedding (in place on request) | `rotary.apply_rotary_reference` | `rotary_triton.apply_rotary` |
-| temperature / top-k / top-p / min-p sampling | `sampling.sample_reference` | `sampling_triton.sample` |
+| temperature / top-k / top-p / min-p sampling, drawn in vocabulary order | `sampling.sample_reference` | `sampling_triton.sample` |
 
 Prefill attention has no Triton twin yet: it runs the reference (SDPA) everywhere.
+Sampling has one PyTorch implementation: the engine's sampler (`ttc.decoder.sampling.sample`) is an
+adapter over `sample` below, so a seed draws the same token on CPU and CUDA (up to float32 rounding
+at a boundary; see `sampling_triton`).
 The Triton modules are imported on the first CUDA call, never on a CPU-only path, so `import ttc`
 does not pay for Triton and a test can set TRITON_INTERPRET before the kernels are compiled.
 """
@@ -102,7 +105,10 @@ def apply_rotary(x, cos, sin, inplace: bool = False, tables=None):
 
 
 def sample(logits, temperature, top_k, top_p, min_p, uniforms):
-    """logits (B, V), per-row parameters (B,) and uniforms (B,) -> (tokens (B,) long, logprobs (B,) float32)."""
+    """logits (B, V), per-row parameters (B,) and uniforms (B,) -> (tokens (B,) long, logprobs (B,) float32).
+
+    The parameters may live on the CPU whatever the logits' device; each implementation moves them.
+    """
     if uses_triton(logits):
         return _triton("sampling_triton").sample(logits, temperature, top_k, top_p, min_p, uniforms)
     return sample_reference(logits, temperature, top_k, top_p, min_p, uniforms)

@@ -1,23 +1,30 @@
 """Triton twin of `sampling.sample_reference`: temperature, top-k, top-p, min-p sampling without a sort.
 
-Why: the reference sorts every row of the vocabulary (49152 entries for SmolLM2) to cut a prefix of
-the descending order and to walk its cumulative distribution. Every one of those cuts is a
-threshold on the tempered weight w = exp((x - max) / T) in (0, 1]:
+Why: a sort of every row of the vocabulary (49152 entries for SmolLM2) is the slow part of the
+reference. Every cut is instead a threshold on the tempered weight w = exp((x - max) / T) in (0, 1]:
 - min-p keeps w >= min_p (the most likely token has w = 1);
 - top-k keeps w >= the k-th largest w, which is the smallest t with count(w > t) < k;
-- top-p keeps w >= the smallest t with sum(w > t) < top_p * sum(w);
-- the draw picks the kept token whose interval in the descending-order cumulative distribution
-  holds u * (kept mass): the smallest t with sum(kept w > t) <= u * (kept mass).
+- top-p keeps w >= the smallest t with sum(w > t) < top_p * sum(w).
 Each "smallest t" is found by a many-way bisection on the bit pattern of t (positive floats order
 like their bits): every pass over the row tests NT thresholds at once, so 2^30 candidates take
-ceil(30 / log2(NT)) passes of plain streaming reads, with no sort and no scratch memory. One
-program handles one row; the row stays in L2 across passes.
+ceil(30 / log2(NT)) passes of plain streaming reads, with no sort and no scratch memory.
+The draw is in VOCABULARY order, like the reference's: the first token index i whose running sum
+of kept weights exceeds u * (kept mass), found in one more pass over the row in BLOCK_V chunks
+(tl.cumsum inside a chunk plus the carry of the chunks before it); if rounding at the top end
+leaves no crossing, the last kept token. One program handles one row; the row stays in L2 across
+passes. Passes: max/normalizer, total, the bisections (top-k, top-p, only when asked), kept mass,
+the draw.
 
 Reference: `sampling.sample_reference` (same contract; greedy rows take the first maximal logit).
-The randomness is the caller's: one uniform per row (drawn from that row's own seeded generator).
-Limits: ties at a threshold keep every tied token (the reference keeps exactly k) and a draw that
-lands in a group of equal weights returns its lowest token id; float32 sums in another order than
-the reference's can move a cut or a draw at an exact boundary (probability ~1e-6 per row).
+The randomness is the caller's: one uniform per row (drawn from that row's own seeded generator),
+so the same seed picks the same token here and on a CPU.
+Limits: the weights here are unnormalized exp2 values and the sums run in float32 in another
+order (chunked scan + carry) than the reference's (softmax, then a cumsum of probabilities), so a
+draw whose target sits at a boundary (within ~1e-6 of the kept mass) may move to the neighbouring
+kept token, and a cut may move by one token where a weight sits exactly on a threshold; ties at a
+threshold keep every tied token (the reference keeps exactly k, in torch.topk's order); and a
+row without top-k / top-p keeps its whole tail, while the reference, when another row of the
+batch sorts, also drops the tokens below float32 resolution of the mass (< ~1e-7 of it).
 """
 
 from __future__ import annotations
@@ -31,10 +38,9 @@ ONE_BITS = 0x3F800000  # the bit pattern of 1.0f
 
 
 @triton.jit
-def _smallest_threshold(row_ptr, V, m, c, tau, goal, COUNT: tl.constexpr, INCLUSIVE: tl.constexpr,
-                        BLOCK_V: tl.constexpr, NT: tl.constexpr):
-    """Smallest t in [0, 1] with stat(t) < goal (<= goal if INCLUSIVE), stat(t) = sum over w > t of
-    (1 if COUNT else w), counting only weights w >= tau. stat is non-increasing in t, and stat(1) = 0."""
+def _smallest_threshold(row_ptr, V, m, c, goal, COUNT: tl.constexpr, BLOCK_V: tl.constexpr, NT: tl.constexpr):
+    """Smallest t in [0, 1] with stat(t) < goal, stat(t) = sum over w > t of (1 if COUNT else w).
+    stat is non-increasing in t, and stat(1) = 0."""
     lo = tl.zeros((), tl.int32)
     hi = tl.full((), ONE_BITS, tl.int32)
     j = tl.arange(0, NT)
@@ -46,16 +52,12 @@ def _smallest_threshold(row_ptr, V, m, c, tau, goal, COUNT: tl.constexpr, INCLUS
         for start in range(0, V, BLOCK_V):
             i = start + tl.arange(0, BLOCK_V)
             w = tl.exp2((tl.load(row_ptr + i, mask=i < V, other=float("-inf")).to(tl.float32) - m) * c)
-            w = tl.where(w >= tau, w, 0.0)
             if COUNT:
                 f = tl.where(w > 0, 1.0, 0.0)
             else:
                 f = w
             stat += tl.sum(tl.where(w[:, None] > t[None, :], f[:, None], 0.0), 0)
-        if INCLUSIVE:
-            ok = stat <= goal
-        else:
-            ok = stat < goal
+        ok = stat < goal
         hi = tl.min(tl.where(ok, cand, hi), 0)
         lo = tl.max(tl.where(ok, lo, cand + 1), 0)
     return hi.to(tl.float32, bitcast=True)
@@ -93,31 +95,33 @@ def _sample_kernel(logits_ptr, stride_b, V, temp_ptr, top_k_ptr, top_p_ptr, min_
         tau = tl.load(min_p_ptr + b).to(tl.float32)
         k = tl.load(top_k_ptr + b)
         if (k > 0) & (k < V):
-            tau = tl.maximum(tau, _smallest_threshold(row_ptr, V, m, c, 0.0, k.to(tl.float32), True, False,
-                                                      BLOCK_V, NT))
+            tau = tl.maximum(tau, _smallest_threshold(row_ptr, V, m, c, k.to(tl.float32), True, BLOCK_V, NT))
         top_p = tl.load(top_p_ptr + b).to(tl.float32)
         if top_p < 1.0:
-            tau = tl.maximum(tau, _smallest_threshold(row_ptr, V, m, c, 0.0, top_p * total, False, False,
-                                                      BLOCK_V, NT))
+            tau = tl.maximum(tau, _smallest_threshold(row_ptr, V, m, c, top_p * total, False, BLOCK_V, NT))
         tau = tl.minimum(tau, 1.0)
         kept = tl.zeros((), tl.float32)
         for start in range(0, V, BLOCK_V):
             i = start + tl.arange(0, BLOCK_V)
             w = tl.exp2((tl.load(row_ptr + i, mask=i < V, other=float("-inf")).to(tl.float32) - m) * c)
             kept += tl.sum(tl.where(w >= tau, w, 0.0), 0)
+        # the draw, in vocabulary order: the first kept token whose running sum of kept weights
+        # exceeds u * (kept mass); a block's prefix sums are its tl.cumsum plus the carry of the
+        # blocks before it. If rounding at the top end leaves no crossing, the last kept token.
         target = tl.load(u_ptr + b).to(tl.float32) * kept
-        v = _smallest_threshold(row_ptr, V, m, c, tau, target, False, True, BLOCK_V, NT)
-        # the drawn token: the smallest kept weight >= v (v is one of the weights), lowest id on ties;
-        # v > 0 even when u * kept rounds up to kept, so a zero-weight token is never drawn
-        v = tl.maximum(v, tl.maximum(tau, 1.1754944e-38))
-        w_min = tl.full((), float("inf"), tl.float32)
+        carry = tl.zeros((), tl.float32)
+        first = tl.zeros((), tl.int32) + V  # V: no crossing yet
+        last_kept = tl.zeros((), tl.int32)  # the most likely token is kept, so one exists
         for start in range(0, V, BLOCK_V):
             i = start + tl.arange(0, BLOCK_V)
             w = tl.exp2((tl.load(row_ptr + i, mask=i < V, other=float("-inf")).to(tl.float32) - m) * c)
-            w = tl.where(w >= v, w, float("inf"))
-            tile_min = tl.min(w, 0)
-            token = tl.where(tile_min < w_min, start + tl.argmin(w, 0), token)
-            w_min = tl.minimum(w_min, tile_min)
+            w = tl.where(w >= tau, w, 0.0)  # (BLOCK_V,); masked and out-of-row entries weigh 0
+            cdf = carry + tl.cumsum(w, 0)
+            # w > 0: a scan's rounding must not let a zero-weight token be the crossing
+            first = tl.minimum(first, tl.min(tl.where((cdf > target) & (w > 0), i, V), 0))
+            last_kept = tl.maximum(last_kept, tl.max(tl.where(w > 0, i, -1), 0))
+            carry += tl.sum(w, 0)
+        token = tl.where(first < V, first, last_kept)
 
     x_token = tl.load(row_ptr + token).to(tl.float32)
     tl.store(token_ptr + b, token.to(tl.int64))
@@ -135,8 +139,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     dev = logits.device
     tokens = torch.empty(B, dtype=torch.long, device=dev)
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)
-    # u < 1 after the cast too, so the draw's target stays inside the kept mass
-    u = uniforms.to(device=dev, dtype=torch.float32).clamp(0.0, 1.0 - 2 ** -24)
+    # cast like the reference's; a u that rounds up to 1.0 finds no crossing and takes the last kept token
+    u = uniforms.to(device=dev, dtype=torch.float32).clamp(0.0, 1.0)
     _sample_kernel[(B,)](logits, logits.stride(0), V, temperature.to(dev, torch.float32),
                          top_k.to(dev, torch.int32), top_p.to(dev, torch.float32), min_p.to(dev, torch.float32), u,
                          tokens, logprobs, BLOCK_V=min(block_v, triton.next_power_of_2(V)), NT=nt, num_warps=8)

@@ -436,7 +436,8 @@ def fit_table(problems: list[Problem], proposer, grade_fn: Callable[[Problem, st
     grade_fn(problem, answer) -> bool. Returns the table; `fit_table.last_stats` holds the trials and
     `fit_table.last_ledger` their summed ledger: the fitting's cost, which a run reports as its own.
     concurrency > 1 tries that many problems at once in threads (the proposer factory's model should
-    then run on a ttc.decoder.concurrent.ConcurrentEngine); the table does not depend on it.
+    then be a ttc.backends.local.SharedModel, one batched backend for the threads); the table does not
+    depend on it.
     """
     options = [dict(o) for o in (options or DEFAULT_OPTIONS)
                if verifier is not None or o["strategy"] != "best_of_n"]

@@ -1,4 +1,4 @@
-"""Dataset-wide allocation (ttc.allocation): the pool, the three allocators, and the runner's wiring.
+"""Dataset-wide allocation (ttc.search.allocation): the pool, the three allocators, and the runner's wiring.
 
 Hand-checkable cases use a FakeProposer that returns scripted answers at a fixed token cost; the
 budget-safety and runner cases use the tiny random model.
@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from ttc.allocation import DEFAULT_TABLE, AdaptiveStop, Difficulty, Pool, PoolOverdrawn, Uniform, fit_table
+from ttc.search.allocation import DEFAULT_TABLE, AdaptiveStop, Difficulty, Pool, PoolOverdrawn, Uniform, fit_table
 from ttc.budget import BudgetExceeded, Ledger
 from ttc.graph import Branch, Meter, Problem, Step
 from ttc.search.self_consistency import SelfConsistency
@@ -31,7 +31,7 @@ class FakeProposer:
 
     def start(self, problem: Problem, meter: Meter) -> Branch:
         meter.check(PROMPT)
-        meter.ledger.prefill_tokens += PROMPT
+        meter.ledger.charge_prefill(PROMPT)
         self.script, self.drawn = self.scripts[problem.id], 0
         self.starts += 1
         return Branch(handle=None)
@@ -42,7 +42,7 @@ class FakeProposer:
         for _ in range(n):
             if not meter.can_afford(SAMPLE):
                 break
-            meter.ledger.generated_tokens += SAMPLE
+            meter.ledger.charge_generated(SAMPLE)
             answer = self.script[min(self.drawn, len(self.script) - 1)]
             self.drawn += 1
             out.append(branches[0].child(None, Step(answer or "none", (0,) * SAMPLE, 0.0, "eos"), self.drawn, True))
@@ -180,7 +180,7 @@ def test_fit_table_keeps_per_band_the_best_accuracy_per_token_on_training_proble
     fit_table.last_stats = None
     assert fit_table(train, lambda: FakeProposer(scripts), lambda p, a: a == p.answer, tokens_per_problem=100,
                      concurrency=3) == table  # problems tried in threads: the same table
-    from ttc.allocation import accuracy_only
+    from ttc.search.allocation import accuracy_only
 
     most_accurate = fit_table(train, lambda: FakeProposer(scripts), lambda p, a: a == p.answer, tokens_per_problem=100,
                               objective=accuracy_only)
@@ -189,7 +189,8 @@ def test_fit_table_keeps_per_band_the_best_accuracy_per_token_on_training_proble
 
 
 def test_a_dataset_budget_is_never_exceeded_over_a_tiny_model_run(tiny_model):
-    from ttc.proposer import LocalProposer
+    from ttc.backends.local import LocalProposer
+    from ttc.verifiers.math import extract_answer
 
     problems = [Problem(id=f"q{i}", prompt=[{"role": "user", "content": f"What is {i} + {i}?"}]) for i in range(4)]
     prompt = len(tiny_model.tokenizer.encode_prompt(problems[0].prompt))
@@ -199,10 +200,9 @@ def test_a_dataset_budget_is_never_exceeded_over_a_tiny_model_run(tiny_model):
         tiny_model.engine.clear_prefix_cache()
         pool, spent = Pool(total=total, problems=len(problems)), []
         for p in problems:
-            ledger = Ledger()
+            ledger, proposer = Ledger(), LocalProposer(tiny_model, max_tokens=16, answer_fn=extract_answer)
             try:
-                _, given = allocator.solve(p, LocalProposer(tiny_model, max_tokens=16), None, strategy, pool,
-                                           ledger=ledger)
+                _, given = allocator.solve(p, proposer, None, strategy, pool, ledger=ledger)
                 assert ledger.total_tokens <= given
             except BudgetExceeded:
                 pass  # an early problem took the pool's last tokens (allowed), and the failed one is charged too
@@ -219,7 +219,7 @@ def eval_config(folder, *overrides: str) -> dict:
     from ttc.evals.__main__ import config_dict
 
     base = [f"model.spec={folder}", "model.dtype=float32", "model.kv_cache_gb=0.05", *CHAIN_SUM, "strategy.n=2",
-            "strategy.max_tokens=8", "progress=false"]
+            "proposer.max_tokens=8", "progress=false"]
     with initialize_config_module(config_module="ttc.configs", version_base="1.3"):
         return config_dict(compose("eval", overrides=[*base, *overrides]))
 
@@ -230,19 +230,35 @@ def test_the_runner_with_adaptive_stop_records_what_each_problem_was_given_and_r
 
     cfg = eval_config(tiny_llama_dir, "allocation=adaptive_stop", "allocation.max_samples=4",
                       "allocation.total_tokens=900", "dataset.limit=2")
-    assert cfg["allocation"]["_target_"] == "ttc.allocation.AdaptiveStop"
+    assert cfg["allocation"]["_target_"] == "ttc.search.allocation.AdaptiveStop"
     run_eval(cfg, tmp_path)
     first = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     outcome = run_eval({**cfg, "dataset": {**cfg["dataset"], "limit": 3}}, tmp_path)  # resumed: a third problem
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert records[:2] == first and len(records) == 3
-    spent = [r["prefill_tokens"] + r["generated_tokens"] + r["verifier_tokens"] for r in records]
+    spent = [Ledger.from_record(r).total_tokens for r in records]
     for r, s in zip(records, spent):
         assert r["allocation"] == "adaptive_stop" and 0 < s <= r["given_tokens"]
     # the pool was rebuilt from the two saved records: the last problem may take all that is left
     assert records[2]["given_tokens"] == 900 - sum(spent[:2])
     assert sum(spent) <= 900 and outcome.summary["allocation"] == "adaptive_stop"
     assert outcome.summary["given_tokens"] == sum(r["given_tokens"] for r in records)
+
+
+def test_a_fitted_difficulty_table_is_reported_as_the_runs_training_cost(tiny_llama_dir, tmp_path):
+    from ttc.evals.runner import run_eval
+
+    cfg = eval_config(tiny_llama_dir, "allocation=difficulty", "allocation.total_tokens=900", "dataset.limit=2",
+                      "allocation.first_pass=2", "allocation.max_samples=2",
+                      "allocation.train={problems:2,options:[{strategy:self_consistency,cap_factor:0.0}]}")
+    outcome = run_eval(cfg, tmp_path)
+    fitting = outcome.summary["training"]["difficulty_table"]
+    assert fitting["generated_tokens"] > 0  # two training problems' trials: work no record holds
+    assert outcome.summary["training"]["total_tokens"] == Ledger.from_record(fitting).total_tokens
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sum(Ledger.from_record(r).total_tokens for r in records) <= 900  # the pool pays for the records only
+    resumed = run_eval(cfg, tmp_path)  # nothing left to do: the training cost is still stated
+    assert resumed.summary["training"] == outcome.summary["training"]
 
 
 def test_allocation_none_is_the_default_and_changes_nothing(tiny_llama_dir):
@@ -257,7 +273,7 @@ def test_allocation_none_is_the_default_and_changes_nothing(tiny_llama_dir):
 
 
 def test_a_generous_grant_still_leaves_every_later_problem_its_reserve():
-    from ttc.allocation import Pool
+    from ttc.search.allocation import Pool
 
     pool = Pool(total=1000, problems=4)  # uniform share 250, reserve 62 for each of the 3 others
     assert pool.grant(10_000) == 1000 - 3 * 62

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import ttc
-from ttc.allocation import Pool
+from ttc.search.allocation import Pool
 from ttc.budget import Ledger
 from ttc.decoder import SamplingParams
 from ttc.decoder.concurrent import Cancelled, ConcurrentEngine
@@ -129,7 +129,7 @@ def test_a_concurrent_allocation_run_stays_within_the_dataset_budget(tiny_llama_
                             "allocation.total_tokens=1200", "dataset.size=4", "concurrency=3")
     outcome = run_eval(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    spent = [r["prefill_tokens"] + r["generated_tokens"] + r["verifier_tokens"] for r in rows]
+    spent = [Ledger.from_record(r).total_tokens for r in rows]
     assert len(rows) == 4 and sum(spent) <= 1200
     assert all(0 < s <= r["given_tokens"] for r, s in zip(rows, spent))
     assert outcome.summary["given_tokens"] <= 1200

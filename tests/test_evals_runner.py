@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import types
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hydra import compose, initialize_config_module
 from ttc.evals import runner
 from ttc.evals.__main__ import config_dict
 from ttc.evals.build import ConfigError, instantiate, locate, train_split
+from ttc.evals.datasets import extract_stated_answer
 from ttc.evals.runner import ResumeError, run_eval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +26,7 @@ CHAIN_SUM = ["dataset=reasoning_gym", "dataset.task=chain_sum", "dataset.size=3"
 
 def tiny_overrides(folder, strategy: tuple[str, ...] = ("strategy.n=2",)) -> list[str]:
     return [f"model.spec={folder}", "model.dtype=float32", "model.kv_cache_gb=0.05", *CHAIN_SUM, *strategy,
-            "strategy.max_tokens=8", "progress=false"]
+            "proposer.max_tokens=8", "progress=false"]
 
 
 def eval_config(*overrides: str) -> dict:
@@ -121,6 +123,43 @@ def test_a_problem_whose_prompt_exceeds_the_budget_is_recorded_as_failed(tiny_cf
     assert outcome.summary["errors"] == 1 and outcome.summary["accuracy"] == 0.0
 
 
+class BreaksOnce:
+    """A verifier that raises the first time it scores (after the proposer has spent tokens), then scores 0.5."""
+
+    cost_per_branch, cost_per_token = 0.0, 0.0
+    calls = 0
+
+    def score(self, branches, meter):
+        BreaksOnce.calls += 1
+        if BreaksOnce.calls == 1:
+            raise RuntimeError("the verifier broke")
+        return [0.5] * len(branches)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_problem_that_raises_stops_the_run_and_its_partial_work_is_counted_when_resumed(tiny_cfg, tmp_path,
+                                                                                         monkeypatch, concurrency):
+    module = types.ModuleType("ttc.breaking_verifier_for_tests")
+    module.BreaksOnce = BreaksOnce
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(BreaksOnce, "calls", 0)
+    cfg = tiny_cfg("strategy=best_of_n", "strategy.n=2", f"concurrency={concurrency}")
+    cfg["verifier"] = {"_target_": "ttc.breaking_verifier_for_tests.BreaksOnce"}
+    with pytest.raises(RuntimeError, match="the verifier broke"):
+        run_eval(cfg, tmp_path)
+    (failure,) = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert failure["id"].startswith("chain_sum-0-") and failure["error"] == "RuntimeError: the verifier broke"
+    assert failure["generated_tokens"] > 0 and failure["prefill_tokens"] > 0 and failure["time"]
+    outcome = run_eval(cfg, tmp_path)  # the same command: the failed problem is solved again
+    records = read_records(tmp_path)
+    assert sorted(r["id"] for r in records) == ["chain_sum-0-0", "chain_sum-0-1", "chain_sum-0-2"]
+    failed = outcome.summary["failed_attempts"]
+    assert failed["count"] == 1 and failed["ledger"]["generated_tokens"] == failure["generated_tokens"]
+    assert failed["total_tokens"] == failure["prefill_tokens"] + failure["generated_tokens"]
+    assert outcome.summary["generated_tokens"] == sum(r["generated_tokens"] for r in records)  # records: theirs only
+    assert "failed attempts" in runner.summary_table(outcome.summary)
+
+
 def test_the_cli_prints_the_summary_json_last_and_a_multirun_gives_each_job_a_folder(tiny_llama_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
@@ -140,7 +179,29 @@ def test_the_experiment_group_holds_saved_override_sets():
     cfg = eval_config("experiment=chain_sum_quick")
     assert cfg["dataset"]["_target_"].endswith("load_reasoning_gym") and cfg["dataset"]["task"] == "chain_sum"
     assert cfg["dataset"]["options"]["max_terms"] == 2 and cfg["strategy"]["n"] == 4
+    assert cfg["proposer"]["max_tokens"] == 128
     assert cfg["budget"]["tokens"] == 2048
+
+
+def test_a_strategy_sets_its_proposer_defaults_and_the_command_line_wins():
+    greedy = eval_config("strategy=greedy")["proposer"]
+    assert greedy["_target_"] == "ttc.backends.local.LocalProposer"
+    assert (greedy["temperature"], greedy["max_tokens"]) == (0.0, 512)
+    assert eval_config("strategy=self_consistency")["proposer"]["max_tokens"] == 512
+    assert eval_config("strategy=beam")["proposer"]["max_tokens"] == 768
+    assert eval_config("strategy=greedy", "proposer.max_tokens=64")["proposer"]["max_tokens"] == 64
+    assert eval_config("experiment=chain_sum_greedy", "proposer.max_tokens=32")["proposer"]["max_tokens"] == 32
+
+
+STRATEGIES = ["astar", "beam", "best_of_n", "dvts", "ets", "greedy", "particle_filter", "self_consistency"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_holds_only_its_own_fields_and_names_its_breadth_n(strategy):
+    assert eval_config(f"strategy={strategy}", "strategy.n=1")["strategy"]["n"] == 1
+    node = eval_config(f"strategy={strategy}")["strategy"]
+    assert not set(node) & {"temperature", "top_p", "top_k", "min_p", "max_tokens", "max_step_tokens", "step_stop"}
+    assert type(instantiate(node, "strategy")).__name__ == node["_target_"].rsplit(".", 1)[-1]
 
 
 @pytest.mark.parametrize("group, choices", [
@@ -162,7 +223,7 @@ def test_targets_outside_the_ttc_package_are_refused():
 
 def test_unknown_config_keys_and_missing_values_are_reported_by_name():
     with pytest.raises(ConfigError, match=r"strategy \(ttc.search.greedy.GreedyDecoding\)"):
-        instantiate({"_target_": "ttc.search.greedy.GreedyDecoding", "n": 3}, "strategy")
+        instantiate({"_target_": "ttc.search.greedy.GreedyDecoding", "width": 3}, "strategy")
     with pytest.raises(ConfigError, match=r"set dataset.path"):
         instantiate(eval_config("dataset=mbpp")["dataset"], "dataset")
 
@@ -203,6 +264,7 @@ class FakeProbe:
 
     def __init__(self, model, path=None, batch_size: int = 64):
         self.model, self.path = model, path
+        self.metadata = {"ledger": {"prefill_tokens": 30, "generated_tokens": 70}}  # what its fit() cost
         self.cost_per_branch, self.cost_per_token = 0.0, 0.0
 
     @classmethod
@@ -222,7 +284,7 @@ def test_a_missing_probe_is_trained_on_another_seed_cached_and_reused(tiny_cfg, 
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     FakeProbe.fits.clear()
-    cfg = tiny_cfg("strategy=best_of_n", "strategy.n=2", "strategy.max_tokens=8", "probe_training.problems=4",
+    cfg = tiny_cfg("strategy=best_of_n", "strategy.n=2", "proposer.max_tokens=8", "probe_training.problems=4",
                    "probe_training.samples_per_problem=2")
     cfg["verifier"] = {"_target_": "ttc.fake_probe_for_tests.FakeProbe", "path": "???", "batch_size": 8}
     outcome = run_eval(cfg, tmp_path / "run")
@@ -237,6 +299,9 @@ def test_a_missing_probe_is_trained_on_another_seed_cached_and_reused(tiny_cfg, 
     (cached,) = (tmp_path / "cache" / "ttc" / "probes").iterdir()
     assert cached.name.startswith(f"{Path(str(cfg['model']['spec'])).name}-chain_sum-") and cached.suffix == ".pt"
     assert outcome.summary["label"] == "best_of_n+fake_probe_for_tests"
+    assert outcome.summary["training"]["probe"]["generated_tokens"] == 70
+    assert outcome.summary["training"]["total_tokens"] == 100  # the probe's rollouts are the run's training cost
+    assert "training tokens" in runner.summary_table(outcome.summary)
     assert all(c["score"] == 0.5 for r in read_records(tmp_path / "run") for c in r["candidates"])
     run_eval(cfg, tmp_path / "run2")
     assert len(FakeProbe.fits) == 1  # the cached probe was used
@@ -250,14 +315,31 @@ def test_greedy_runs_as_a_strategy_with_one_sample(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_embedded_model_answers_two_term_chain_sums_greedily(tmp_path):
-    cfg = eval_config("strategy=greedy", "strategy.max_tokens=64", "dataset=reasoning_gym", "dataset.task=chain_sum",
+def test_the_embedded_models_greedy_chain_sum_answers_are_graded_and_summed_exactly(tmp_path):
+    cfg = eval_config("strategy=greedy", "proposer.max_tokens=64", "dataset=reasoning_gym", "dataset.task=chain_sum",
                       "dataset.size=2", "dataset.options={min_terms:2,max_terms:2,max_digits:1}", "progress=false")
     outcome = run_eval(cfg, tmp_path)
     records = read_records(tmp_path)
     assert len(records) == 2 and outcome.summary["complete"]
-    assert all(r["generated_tokens"] > 0 and r["answer"] is not None for r in records)
-    assert outcome.summary["mean_tokens"] > 0 and 0.0 <= outcome.summary["accuracy"] <= 1.0
+    for r in records:
+        assert r["strategy"] == "greedy" and r["samples"] == 1 and r["generated_tokens"] > 0
+        assert r["answer"] is not None and r["answer"] == extract_stated_answer(r["text"])
+        assert r["correct"] == _is_the_number(r["answer"], r["reference"])  # graded here, not by the runner
+    correct = sum(r["correct"] for r in records)
+    summary = outcome.summary
+    assert (summary["correct"], summary["accuracy"]) == (correct, correct / 2)
+    for field in ("prefill_tokens", "generated_tokens", "verifier_tokens"):
+        assert summary[field] == sum(r[field] for r in records)
+    assert summary["mean_tokens"] == sum(r["prefill_tokens"] + r["generated_tokens"] + r["verifier_tokens"]
+                                         for r in records) / 2
+
+
+def _is_the_number(answer: str, reference: str) -> bool:
+    """chain_sum's grade, written out: the answer is the reference number (commas, sign and zeros aside)."""
+    try:
+        return Decimal(answer.replace(",", "")) == Decimal(reference)
+    except InvalidOperation:
+        return False
 
 
 def test_the_train_probe_command_and_the_runner_agree_on_the_cache_path():
@@ -309,3 +391,5 @@ def test_the_real_probe_verifier_is_trained_saved_and_loaded_by_the_runner(tiny_
     assert len(records) == 2 and outcome.summary["verifier"] == "probe"
     assert all(0.0 < c["score"] < 1.0 for r in records for c in r["candidates"])
     assert all(r["verifier_tokens"] > 0 for r in records)  # the probe's suffix was computed
+    probe = outcome.summary["training"]["probe"]  # its training rollouts: a cost no record holds
+    assert probe["generated_tokens"] > 0 and outcome.summary["training"]["total_tokens"] >= probe["generated_tokens"]

@@ -55,16 +55,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
 
     An adapter over `ttc.kernels.sample` (the PyTorch reference on CPU tensors, the Triton kernel on
     CUDA ones): both draw in vocabulary order, so a seed picks the same token either way up to
-    float32 rounding at a boundary. The parameters go over as (B,) tensors; temperature, top-p,
-    min-p and the uniforms as float64 so that "greedy" and "top-p < 1" are decided on the caller's
-    exact values (the arithmetic is float32). The logprob reported is the token's under the model's
-    own distribution (temperature 1, no filtering), the quantity verifiers and likelihood weights need.
+    float32 rounding at a boundary. The parameters go over as (B,) tensors: temperature and top-p as
+    float64, so that "greedy" and "top-p < 1" are decided on the caller's exact values, min-p and the
+    uniforms as float32, the precision of the arithmetic. The logprob reported is the token's under
+    the model's own distribution (temperature 1, no filtering), the quantity verifiers and
+    likelihood weights need.
     """
     if all(p.temperature == 0 for p in params):  # greedy batches skip building the parameter tensors
         tokens = logits.argmax(dim=-1)
         return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-    f64 = torch.float64
+    f32, f64 = torch.float32, torch.float64
     return kernels.sample(logits, torch.tensor([p.temperature for p in params], dtype=f64),
                           torch.tensor([p.top_k for p in params], dtype=torch.long),
                           torch.tensor([p.top_p for p in params], dtype=f64),
-                          torch.tensor([p.min_p for p in params], dtype=f64), torch.tensor(uniforms, dtype=f64))
+                          torch.tensor([p.min_p for p in params], dtype=f32), torch.tensor(uniforms, dtype=f32))
