@@ -184,17 +184,24 @@ def build_verifier(cfg: dict, model, names: dict):
     A verifier class with a `fit` classmethod (the learned probe) whose `path` is unset or names no
     file is trained first on the dataset's training split, and cached: see `ttc.evals.probe_training`.
     """
+    from ttc.graph import HIDDEN_STATES, MissingCapability, backend_of, require
+
     node = dict(cfg.get("verifier") or {})
     if node.get("_target_") is None:
         return None
     cls = locate(node["_target_"])
-    if hasattr(cls, "fit") and "path" in node:
-        path = node["path"]
-        if path in (None, MISSING) or not Path(str(path)).expanduser().is_file():
-            from ttc.evals.probe_training import ensure_probe
+    try:
+        if hasattr(cls, "fit") and "path" in node:
+            # the learned probe reads the policy's hidden states: say so before training it, not after
+            require(backend_of(model), HIDDEN_STATES, f"verifier={names.get('verifier') or 'probe'}")
+            path = node["path"]
+            if path in (None, MISSING) or not Path(str(path)).expanduser().is_file():
+                from ttc.evals.probe_training import ensure_probe
 
-            node["path"] = str(ensure_probe(cfg, model, names, path=None if path in (None, MISSING) else path))
-    return instantiate(node, "verifier", model=model)
+                node["path"] = str(ensure_probe(cfg, model, names, path=None if path in (None, MISSING) else path))
+        return instantiate(node, "verifier", model=model)
+    except MissingCapability as e:  # a verifier the backend cannot serve: a config error, in one line
+        raise ConfigError(str(e)) from None
 
 
 def training_cost(verifier) -> Ledger | None:
@@ -222,9 +229,9 @@ def build_allocation(cfg: dict, model, dataset: Dataset, done: dict, verifier,
     The pool holds `allocation.total_tokens` (default: budget.tokens x problems) and is rebuilt from
     the finished records, so a resumed run goes on with what is left. `shard` (a ttc.evals.shard.Shard,
     `dataset` being its problems): the total is the whole dataset's, and the pool holds this shard's
-    share of it (`Shard.share`: in proportion to its problems; the shards' pools sum to the total). A Difficulty allocator with
-    `train` and no table fits its table first on the dataset's training split (never evaluated); the
-    third item is that fitting's summed ledger (None when nothing was fitted).
+    share of it (`Shard.share`: in proportion to its problems; the shards' pools sum to the total).
+    A Difficulty allocator with `train` and no table fits its table first on the dataset's training split
+    (never evaluated); the third item is that fitting's summed ledger (None when nothing was fitted).
     """
     from ttc.search.allocation import Pool
 
@@ -281,7 +288,7 @@ class Run:
     make_budget: Callable[[], Any]  # a fresh per-problem Budget (its wall clock starts when it is made)
     allocator: Any = None  # with a dataset-wide allocation: the allocator and its Pool
     pool: Any = None
-    engine: Any = None  # the ConcurrentEngine the worker threads share (concurrency > 1)
+    engine: Any = None  # the ConcurrentEngine the worker threads share (concurrency > 1), or the remote backend
     concurrency: int = 1
     training: dict[str, Ledger] = field(default_factory=dict)  # "probe", "difficulty_table": what training cost
 
@@ -291,12 +298,15 @@ def build_run(cfg: dict, dataset: Dataset, done: dict, names: dict, shard=None) 
     ttc.evals.shard.Shard that `dataset` is, whose share of a dataset-wide budget the pool holds)."""
     model, engine = load_model(cfg["model"]), None
     concurrency = max(1, int(cfg.get("concurrency") or 1))
-    if concurrency > 1:
+    if concurrency > 1 and getattr(model, "engine", None) is not None:  # the built-in decoder: one batched engine
         from ttc.backends.local import SharedModel
         from ttc.decoder.concurrent import ConcurrentEngine
 
         engine = ConcurrentEngine(model.engine)
         model = SharedModel(model, engine)
+    elif concurrency > 1 and hasattr(model, "cancel"):
+        engine = model  # a server batches the threads' requests itself; a failure or Ctrl-C cancels the backend
+        model.reopen()  # one kept from an earlier job of this process, cancelled there, takes requests again
     make_proposer = proposer_factory(cfg["proposer"], model, int(cfg.get("seed", 0)), dataset.extract)
     strategy = instantiate(cfg["strategy"], "strategy", model=model)
     verifier = build_verifier(cfg, model, names)  # may train a probe first

@@ -1,6 +1,7 @@
 """Merging the folders of a sharded eval (ttc.evals.shard) into one run folder:
 
-    python -m ttc.evals.merge multirun/eval/2025-01-01/12-00-00/* --out runs/merged
+    python -m ttc.evals.merge multirun/eval/2025-01-01/12-00-00 --out runs/merged   # a sweep's folder, or
+    python -m ttc.evals.merge multirun/eval/2025-01-01/12-00-00/* --out runs/merged # its job folders
     python -m ttc.evals.merge runs/shard0 runs/shard2 --out runs/merged --partial   # name what is missing
 
 Writes, in `--out`: results.jsonl (every shard's records, in the unsharded dataset's order), summary.json
@@ -21,18 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ttc.budget import Ledger
-from ttc.evals.results import (FAILURES, RESULTS, RUN_INFO, SUMMARY, TRAINING, OutputFolder, ResultsFile, ResumeError,
+from ttc.evals.results import (FAILURES, RESULTS, RUN_INFO, SUMMARY, OutputFolder, ResultsFile, ResumeError,
                                config_fingerprint, json_default)
 from ttc.evals.runner import build_summary, summary_table
 from ttc.evals.shard import SHARD_KEYS
 
 __all__ = ["merge", "MergeError", "experiment_key", "main"]
+
+log = logging.getLogger(__name__)
 
 SHOWN = 5  # problem ids named in a one-line message before "..."
 
@@ -73,6 +77,28 @@ def _run_info(path: Path) -> dict:
         raise MergeError(f"{path / RUN_INFO}: not valid JSON ({e})") from None
 
 
+def _shard_folders(given: list[str | os.PathLike], out: Path) -> list[Path]:
+    """The run folders given, and those under a given folder that is not one (a sweep's folder), each once;
+    files are skipped (a sweep's multirun.yaml, when given as `sweep/*`), and so are merged folders inside."""
+    found: list[Path] = []
+    for path in map(Path, given):
+        if path.is_file():
+            log.warning("skipping %s: not a folder", path)
+        elif not path.is_dir():
+            raise MergeError(f"{path}: no such folder")
+        elif (path / RUN_INFO).is_file():
+            found.append(path.resolve())
+        else:
+            inner = sorted(p.parent.resolve() for p in path.rglob(RUN_INFO)
+                           if p.parent.resolve() != out.resolve() and "merged_from" not in _run_info(p.parent))
+            if not inner:
+                raise MergeError(f"{path}: not a run folder, and no run folder is in it (no {RUN_INFO})")
+            found.extend(inner)
+    if not found:
+        raise MergeError("no shard folders given")
+    return list(dict.fromkeys(found))  # a folder given twice counts once
+
+
 def _read(path: Path) -> _Shard:
     info = _run_info(path)
     if not info:
@@ -103,8 +129,9 @@ def _check(shards: list[_Shard], partial: bool) -> tuple[list[str], list[str]]:
     dataset = first.shard["dataset_ids"]
     for other in shards[1:]:
         if other.shard["dataset_ids"] != dataset:
-            raise MergeError(f"{other.path} and {first.path} sharded different datasets ({len(other.shard['dataset_ids'])}"
-                             f" and {len(dataset)} problems, or other ones): was the data file changed between them?")
+            sizes = f"{len(other.shard['dataset_ids'])} and {len(dataset)} problems"
+            raise MergeError(f"{other.path} and {first.path} sharded different datasets ({sizes}, or other ones): was "
+                             "the data file changed between them?")
     owner: dict[str, _Shard] = {}
     for s in shards:
         for problem in s.shard["problems"]:
@@ -129,17 +156,12 @@ def _check(shards: list[_Shard], partial: bool) -> tuple[list[str], list[str]]:
 
 def merge(dirs: list[str | os.PathLike], out: str | os.PathLike, partial: bool = False) -> dict:
     """Merge the shard folders `dirs` into `out`; return the merged summary (see the module docstring)."""
-    paths = list(dict.fromkeys(Path(d).resolve() for d in dirs))  # a folder given twice counts once
-    if not paths:
-        raise MergeError("no shard folders given")
     out = Path(out)
+    paths = _shard_folders(dirs, out)
     if out.resolve() in paths:
         raise MergeError(f"--out {out} is one of the shard folders: choose a new folder")
     if (out / RESULTS).is_file() and "merged_from" not in _run_info(out):
         raise MergeError(f"--out {out} holds a run's results (not a merge's): choose a new folder")
-    for p in paths:
-        if not p.is_dir():
-            raise MergeError(f"{p}: no such folder")
     shards = [_read(p) for p in paths]
     dataset, missing = _check(shards, partial)
     records = {i: r for s in shards for i, r in s.records.items()}

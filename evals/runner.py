@@ -32,7 +32,7 @@ from ttc.evals.datasets import Dataset
 from ttc.evals.driver import Progress, log_failure, sigterm_as_interrupt, solve_all
 from ttc.evals.results import OutputFolder, ResumeError
 from ttc.evals.shard import Shard, shard_settings
-from ttc.graph import Problem
+from ttc.graph import Problem, backend_of
 from ttc.result import Result
 from ttc.search.solve import solve
 
@@ -142,6 +142,9 @@ def solve_one(problem: Problem, dataset: Dataset, run: Run, ledger: Ledger | Non
         given = getattr(run.allocator, "last_given", None)
     if run.allocator is not None:
         record.update(allocation=run.allocator.name, given_tokens=given)
+    notes = getattr(backend_of(run.model), "record_notes", None)  # a remote backend: where the ledger came from
+    if notes is not None:
+        record.update(notes())
     return record
 
 

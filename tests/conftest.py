@@ -26,6 +26,17 @@ def _embedded_tokenizer():
     return load_tokenizer(resolve("smollm2-135m")).hf
 
 
+def require_data(path) -> None:
+    """Skip the calling test when the data file `path` (e.g. ../shared/data/gsm8k/test.jsonl) is missing;
+    under CI (CI=true) fail instead, so that a missing data set cannot pass as a green run."""
+    if os.path.isfile(path):
+        return
+    message = f"data file {path} is missing (the tests expect ../shared/data next to the repository)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI=true, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def embedded_tokenizer():
     return _embedded_tokenizer()

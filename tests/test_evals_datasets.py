@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
 from ttc.evals.datasets import (DatasetError, extract_code, extract_stated_answer, load_aime, load_gsm8k,
                                 load_humaneval, load_math500, load_mbpp, load_reasoning_gym, resolve_path)
+
+from conftest import require_data
 
 
 def write_lines(path, lines):
@@ -75,6 +78,19 @@ def test_the_default_paths_resolve_from_the_repository_root(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     path = resolve_path("../shared/data/gsm8k/test.jsonl")
     assert path.is_file() and path.parts[-3:] == ("data", "gsm8k", "test.jsonl")
+
+
+def test_missing_data_fails_under_ci_and_is_skipped_elsewhere(tmp_path, monkeypatch):
+    missing = tmp_path / "test.jsonl"
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=re.escape(f"{missing} is missing") + ".*CI=true"):
+        require_data(missing)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=re.escape(f"{missing} is missing")):
+        require_data(missing)
+    write_lines(missing, ["{}"])
+    monkeypatch.setenv("CI", "true")
+    require_data(missing)  # present: the test goes on
 
 
 def test_an_unreachable_hub_falls_back_to_the_local_file(gsm8k_file, monkeypatch):

@@ -15,9 +15,12 @@ import yaml
 
 import ttc
 from ttc.graph import Branch, Meter, Problem, Step
-from ttc.proposer import LocalProposer
+from ttc.backends.local import LocalProposer
 from ttc.search.particle_filter import (Holds, ParticleFilter, Population, effective_sample_size, inverse_cdf,
                                         multinomial, normalize, systematic)
+from ttc.verifiers.math import extract_answer
+
+from conftest import require_data
 
 PROBLEM = Problem(id="pf-1", prompt=[{"role": "user", "content": "What is 2+3?"}])
 
@@ -40,7 +43,7 @@ class ChargingVerifier(HashVerifier):
     cost_per_branch = 3.0
 
     def score(self, branches, meter):
-        meter.ledger.verifier_tokens += 3 * len(branches)
+        meter.ledger.charge_verifier(3 * len(branches))
         return super().score(branches, meter)
 
 
@@ -53,7 +56,7 @@ class Spy(LocalProposer):
 
 
 def _proposer(model, cls=LocalProposer, **kwargs):
-    return cls(model, **{"max_step_tokens": 6, "max_tokens": 18, "seed": 1, **kwargs})
+    return cls(model, **{"max_step_tokens": 6, "max_tokens": 18, "seed": 1, "answer_fn": extract_answer, **kwargs})
 
 
 # -- weights, ESS and resampling by hand -----------------------------------------------------------
@@ -91,17 +94,16 @@ def test_systematic_resampling_spreads_one_uniform_over_evenly_spaced_points():
 
 
 def test_invalid_options_are_refused():
-    for bad in (dict(particles=0), dict(resampling="stratified"), dict(ess_threshold=1.5), dict(final="max"),
-                dict(temperature_weights=0.0), dict(gibbs_sweeps=1, particles=1)):
+    for bad in (dict(n=0), dict(resampling="stratified"), dict(ess_threshold=1.5), dict(final="max"),
+                dict(temperature_weights=0.0), dict(gibbs_sweeps=1, n=1)):
         with pytest.raises(ValueError):
             ParticleFilter(**bad)
 
 
 def test_the_config_names_the_class_and_its_defaults():
     path = Path(__file__).parents[1] / "configs" / "strategy" / "particle_filter.yaml"
-    cfg = yaml.safe_load(path.read_text())
+    cfg = yaml.safe_load(path.read_text())["strategy"]  # the strategy's own fields (beside any proposer defaults)
     assert cfg.pop("_target_") == "ttc.search.particle_filter.ParticleFilter"
-    assert (cfg.pop("temperature"), cfg.pop("max_tokens")) == (0.8, 768)  # proposer keys the CLI pops
     assert ParticleFilter(**cfg) == ParticleFilter()
 
 
@@ -115,7 +117,7 @@ def test_one_particle_takes_the_same_steps_as_a_direct_step_loop(tiny_model):
     whole-solution sample from one stream. The same step loop, seed for seed, gives the same tokens.
     """
     spy = _proposer(tiny_model, Spy)
-    res = ParticleFilter(particles=1, max_steps=50)(PROBLEM, spy, HashVerifier(), Meter())
+    res = ParticleFilter(n=1, max_steps=50)(PROBLEM, spy, HashVerifier(), Meter())
     proposer, meter = _proposer(tiny_model), Meter()
     branch = proposer.start(PROBLEM, meter)
     steps = [branch]
@@ -133,7 +135,7 @@ def test_one_particle_takes_the_same_steps_as_a_direct_step_loop(tiny_model):
 def test_the_same_seed_gives_the_same_result(tiny_model):
     def run(seed, **kwargs):
         spy = _proposer(tiny_model, Spy, seed=seed)
-        res = ParticleFilter(particles=3, max_steps=8, **kwargs)(PROBLEM, spy, HashVerifier(), Meter())
+        res = ParticleFilter(n=3, max_steps=8, **kwargs)(PROBLEM, spy, HashVerifier(), Meter())
         rounds = [{k: v for k, v in h.items() if k != "particles"} for h in res.tree["history"]]  # ids are global
         return spy.chosen.handle.token_ids, rounds, res.ledger.generated_tokens
 
@@ -150,21 +152,25 @@ def test_the_budget_is_never_exceeded_for_several_budgets(tiny_model):
         for kwargs in options:
             tiny_model.engine.clear_prefix_cache()  # the prompt is computed, and counted, every time
             meter = Meter(ttc.Budget(tokens=budget))
-            res = ParticleFilter(particles=3, max_steps=10, **kwargs)(PROBLEM, _proposer(tiny_model),
+            res = ParticleFilter(n=3, max_steps=10, **kwargs)(PROBLEM, _proposer(tiny_model),
                                                                       ChargingVerifier(), meter)
             assert res.ledger.total_tokens <= budget, (budget, kwargs)
+            assert res.ledger.prefill_tokens == prompt  # the prompt is paid for, once, out of the same budget
             assert res.ledger.verifier_tokens == 3 * sum(1 for n in res.tree["nodes"] if n["depth"] > 0)
+            if budget - prompt < 3 * (1 + 3):  # not one token and its 3 verifier tokens for each of 3 particles
+                assert res.tree["history"] == [] and res.ledger.generated_tokens == 0 and res.answer is None
+            else:  # the budget is held by doing the work it pays for, not by doing nothing
+                assert res.tree["history"] and res.ledger.generated_tokens > 0
             assert _pool_is_whole(tiny_model)
-    assert res.answer is None or isinstance(res.answer, str)
 
 
 def test_the_pool_is_back_to_its_free_count_after_every_kind_of_run(tiny_model):
     engine = tiny_model.engine
     # a first run caches the prompt's blocks in the prefix cache; every later run must give back all it took
-    ParticleFilter(particles=2, max_steps=2)(PROBLEM, _proposer(tiny_model), HashVerifier(), Meter())
+    ParticleFilter(n=2, max_steps=2)(PROBLEM, _proposer(tiny_model), HashVerifier(), Meter())
     free = engine.pool.num_free
     for kwargs in (dict(), dict(resampling="systematic", ess_threshold=0.9), dict(gibbs_sweeps=1, final="vote")):
-        res = ParticleFilter(particles=3, max_steps=6, **kwargs)(PROBLEM, _proposer(tiny_model), HashVerifier(),
+        res = ParticleFilter(n=3, max_steps=6, **kwargs)(PROBLEM, _proposer(tiny_model), HashVerifier(),
                                                                  Meter())
         assert engine.pool.num_free == free, kwargs
         json.dumps(res.tree)  # plain data
@@ -202,7 +208,7 @@ def test_resampling_forks_kv_and_prefills_nothing(tiny_model):
 def plain_run(tiny_model):
     """One run from a cold prefix cache: 4 particles, resampled every round, weights at temperature 0.7."""
     tiny_model.engine.clear_prefix_cache()
-    pf = ParticleFilter(particles=4, max_steps=8, temperature_weights=0.7)
+    pf = ParticleFilter(n=4, max_steps=8, temperature_weights=0.7)
     return pf(PROBLEM, _proposer(tiny_model), HashVerifier(), Meter())
 
 
@@ -231,7 +237,7 @@ class OldestFirst:
 
 
 def test_particle_gibbs_keeps_the_reference_trajectory_in_every_sweep(tiny_model):
-    res = ParticleFilter(particles=3, max_steps=6, gibbs_sweeps=2)(PROBLEM, _proposer(tiny_model), OldestFirst(),
+    res = ParticleFilter(n=3, max_steps=6, gibbs_sweeps=2)(PROBLEM, _proposer(tiny_model), OldestFirst(),
                                                                    Meter())
     parent = {n["id"]: n["parent"] for n in res.tree["nodes"]}
     score = {n["id"]: n["score"] for n in res.tree["nodes"]}
@@ -285,6 +291,9 @@ class ScriptedProposer:
         return [self._branch(b, f"{b.steps[-1].text if b.steps else ''}/{k}")
                 for b in branches if not b.finished for k in range(n)]
 
+    def fork(self, branches, copies, meter):
+        return [[b] * k for b, k in zip(branches, copies)]  # no KV to share: copies are the branch itself
+
     def release(self, branches):
         self.released.extend(b.handle for b in branches)
 
@@ -305,7 +314,7 @@ def test_finished_particles_stay_with_their_last_score_and_everything_is_release
     proposer = ScriptedProposer(finished={"/0", "/1/0", "/2/0/0"})
     verifier = TableVerifier({"/0": 2.0, "/1": 1.0, "/2": 0.0, "/1/0": 0.5, "/2/0": 1.5, "/2/0/0": 0.25})
     # ESS never falls below 0.01 * N: no resampling, so weights accumulate score after score
-    res = ParticleFilter(particles=3, max_steps=5, ess_threshold=0.01)(PROBLEM, proposer, verifier, Meter())
+    res = ParticleFilter(n=3, max_steps=5, ess_threshold=0.01)(PROBLEM, proposer, verifier, Meter())
     h1, h2, h3 = res.tree["history"]
     assert h1["scores"] == [2.0, 1.0, 0.0] and h1["finished"] == [True, False, False]
     assert h2["scores"] == [2.0, 0.5, 1.5]  # the finished particle keeps its last score
@@ -322,7 +331,7 @@ def test_resampling_prunes_undrawn_particles_and_releases_them():
     proposer = ScriptedProposer(finished={"/0/0", "/1/0", "/2/0", "/0/0/0"})
     # particle 2 holds essentially all the weight: every draw picks it, the others are pruned
     verifier = TableVerifier({"/0": 0.0, "/1": 0.0, "/2": 50.0, "/2/0": 1.0, "/0/0": 0.0, "/1/0": 0.0})
-    res = ParticleFilter(particles=3, max_steps=5)(PROBLEM, proposer, verifier, Meter())
+    res = ParticleFilter(n=3, max_steps=5)(PROBLEM, proposer, verifier, Meter())
     h1, h2 = res.tree["history"]
     assert h1["ancestors"] == [2, 2, 2] and h1["resampled"]
     parent = {n["id"]: n["parent"] for n in res.tree["nodes"]}
@@ -341,9 +350,9 @@ def test_the_vote_sums_weight_over_equivalent_answers():
             return [self._branch(b, f"/{k}=" + ["4", "4.0", "5"][k]) for b in branches for k in range(n)]
 
     verifier = TableVerifier({"/0=4": 1.0, "/1=4.0": 1.0, "/2=5": 1.5})
-    top = ParticleFilter(particles=3, final="argmax")(PROBLEM, Answers(finished), verifier, Meter())
+    top = ParticleFilter(n=3, final="argmax")(PROBLEM, Answers(finished), verifier, Meter())
     assert top.answer == "5"
-    voted = ParticleFilter(particles=3, final="vote")(PROBLEM, Answers(finished), verifier, Meter())
+    voted = ParticleFilter(n=3, final="vote")(PROBLEM, Answers(finished), verifier, Meter())
     assert voted.answer == "4"  # 2e^1 outweighs e^1.5
     assert voted.score == pytest.approx(2 * math.e / (2 * math.e + math.e ** 1.5))
     assert [c["answer"] for c in voted.candidates] == ["4", "4.0", "5"]
@@ -365,18 +374,41 @@ class MeanLogprobVerifier:
 
 
 @pytest.mark.slow
-def test_particle_filter_on_gsm8k_with_the_embedded_model_holds_its_budget(smollm):
+def test_particle_filter_on_gsm8k_holds_its_budget_and_answers_with_its_heaviest_particle(smollm):
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
-    if not path.exists():
-        pytest.skip(f"no GSM8K test set at {path}")
+    require_data(path)
     rows = [json.loads(line) for line in path.read_text().splitlines()[:2]]
     for i, row in enumerate(rows):
         problem = Problem(id=f"gsm8k-{i}", prompt=[{"role": "user", "content": row["question"]}])
-        proposer = LocalProposer(smollm, max_tokens=200, max_step_tokens=64, temperature=0.8, seed=0)
+        proposer = LocalProposer(smollm, answer_fn=extract_answer, max_tokens=200, max_step_tokens=64, temperature=0.8, seed=0)
         meter = Meter(ttc.Budget(tokens=1500))
-        res = ParticleFilter(particles=4, max_steps=8)(problem, proposer, MeanLogprobVerifier(), meter)
+        res = ParticleFilter(n=4, max_steps=8)(problem, proposer, MeanLogprobVerifier(), meter)
+        history, nodes = res.tree["history"], {n["id"]: n for n in res.tree["nodes"]}
         assert res.ledger.total_tokens <= 1500
-        assert res.strategy == "particle_filter" and res.tree["kind"] == "particles" and res.tree["history"]
-        assert res.text and res.score is not None and res.candidates
-        assert all(sum(h["weights"]) == pytest.approx(1.0) for h in res.tree["history"])
+        assert res.ledger.generated_tokens == sum(n["tokens"] for n in nodes.values())  # each token in one step
+        assert res.strategy == "particle_filter" and res.tree["kind"] == "particles" and history
+        assert all(len(h["particles"]) == 4 and sum(h["weights"]) == pytest.approx(1.0) for h in history)
+        # the candidates are the finished particles the run ended with (all of them if none finished): those of
+        # the last round, or, if it resampled and only finished particles were drawn, the drawn copies ...
+        last = history[-1]
+        assert last["resampled"] or last["ancestors"] == [0, 1, 2, 3]
+        finished = [last["finished"][a] for a in last["ancestors"]]
+        assert not last["resampled"] or all(finished)  # a resampled round is last only if nobody can move on
+        assert len(res.candidates) == (sum(finished) or 4)
+        assert sum(c["weight"] for c in res.candidates) == pytest.approx(1.0)
+        # ... and the answer is the heaviest one's (the first of equals), stated in the text of its path
+        best = max(res.candidates, key=lambda c: c["weight"])
+        assert (res.answer, res.score) == (best["answer"], best["score"])
+        (chosen,) = [n for n in nodes.values() if n["status"] == "chosen"]
+        assert _path_text(nodes, chosen["id"]) == res.text and res.text
+        assert res.answer == extract_answer(res.text)
         assert smollm.engine.pool.num_free + smollm.engine.prefix.num_cached_blocks == smollm.engine.pool.num_blocks
+
+
+def _path_text(nodes: dict, node_id: int) -> str:
+    """A branch's text from the tree alone: the texts of its steps, from the root down to node `node_id`."""
+    texts = []
+    while node_id is not None:
+        texts.append(nodes[node_id]["text"])
+        node_id = nodes[node_id]["parent"]
+    return "".join(reversed(texts))

@@ -25,6 +25,9 @@ from ttc.search.self_consistency import SelfConsistency
 from ttc.search.beam import Beam, TopK
 from ttc.search.dvts import DVTS
 from ttc.search.ets import ETS, ETSSelector, KeepProgram, cluster, keep_values, path_nodes
+from ttc.verifiers.math import extract_answer
+
+from conftest import require_data
 
 PROBLEM = Problem(id="p", prompt=[{"role": "user", "content": "What is 2 + 3?"}])
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -51,7 +54,7 @@ class FakeProposer:
         self.drawn: dict[int, int] = {}
 
     def start(self, problem, meter):
-        meter.ledger.prefill_tokens += 5
+        meter.ledger.charge_prefill(5)
         h = FakeHandle("")
         self.live.add(h)
         return Branch(handle=h)
@@ -70,7 +73,7 @@ class FakeProposer:
                 label = "abcdefghijklmnopqrstuvwxyz"[i]
                 h = FakeHandle(b.handle.path + label)
                 self.live.add(h)
-                meter.ledger.generated_tokens += tokens
+                meter.ledger.charge_generated(tokens)
                 finished = h.path in self.ends or len(h.path) >= self.max_len
                 out.append(b.child(h, Step(label, (ord(label),) * tokens, 0.0, "step"), 0, finished))
         return out
@@ -78,7 +81,7 @@ class FakeProposer:
     def complete(self, branches, meter):
         if meter.generation_share(len(branches)) < 1:
             return list(branches)
-        meter.ledger.generated_tokens += len(branches)
+        meter.ledger.charge_generated(len(branches))
         return [b if b.finished else b.child(b.handle, Step("!", (33,), 0.0, "eos"), 0, True) for b in branches]
 
     def release(self, branches):
@@ -125,7 +128,7 @@ def test_beam_keeps_the_best_width_children_each_round_and_answers_with_the_best
              "aa": .3, "ab": .6, "ca": .7, "cb": .1,
              "caa": .4, "cab": .95, "aba": .5, "abb": .2}
     proposer, verifier = FakeProposer(max_len=3), TableVerifier(table)
-    result = Beam(width=2, expand=2, max_depth=5)(PROBLEM, proposer, verifier, Meter())
+    result = Beam(n=2, expand=2, max_depth=5)(PROBLEM, proposer, verifier, Meter())
     assert result.answer == "cab" and result.score == .95
     status = statuses(result)
     assert {p: status[p] for p in ("a", "b", "c", "d")} == {"a": "kept", "b": "pruned", "c": "kept", "d": "pruned"}
@@ -142,7 +145,7 @@ def test_a_finished_child_takes_its_slot_and_the_beam_narrows():
     # round 1: b finishes (kept, slot 1 of 2 filled); round 2: one slot left, so a asks for 1 * 2 children
     table = {"a": .8, "b": .9, "c": .1, "d": .1, "aa": .3, "ab": .7, "aba": .2, "abb": .6}
     proposer = FakeProposer(ends={"b"}, max_len=3)
-    result = Beam(width=2, expand=2)(PROBLEM, proposer, TableVerifier(table), Meter())
+    result = Beam(n=2, expand=2)(PROBLEM, proposer, TableVerifier(table), Meter())
     assert proposer.drawn[next(n["id"] for n in result.tree["nodes"] if path_of(result, n) == "a")] == 2
     assert result.answer == "b" and result.score == .9  # the best finished, found in round 1
     assert sorted(c["answer"] for c in result.candidates) == ["abb", "b"]
@@ -151,7 +154,7 @@ def test_a_finished_child_takes_its_slot_and_the_beam_narrows():
 
 def test_beam_of_width_one_and_expand_one_follows_the_first_child_to_the_end():
     proposer = FakeProposer(max_len=4)
-    result = Beam(width=1, expand=1)(PROBLEM, proposer, TableVerifier({}), Meter())
+    result = Beam(n=1, expand=1)(PROBLEM, proposer, TableVerifier({}), Meter())
     assert result.answer == "aaaa"
     assert proposer.live == set()
 
@@ -159,7 +162,7 @@ def test_beam_of_width_one_and_expand_one_follows_the_first_child_to_the_end():
 def test_beam_completes_its_best_open_beam_when_nothing_finished():
     table = {"a": .2, "b": .7}
     proposer = FakeProposer(max_len=9)
-    result = Beam(width=2, expand=1, max_depth=1)(PROBLEM, proposer, TableVerifier(table, default=.5), Meter())
+    result = Beam(n=2, expand=1, max_depth=1)(PROBLEM, proposer, TableVerifier(table, default=.5), Meter())
     assert result.answer == "b!"  # b completed in place, then scored (default .5)
     assert result.score == .5
     assert proposer.live == set()
@@ -168,7 +171,7 @@ def test_beam_completes_its_best_open_beam_when_nothing_finished():
 def test_beam_stops_when_the_budget_cannot_pay_for_another_round():
     proposer = FakeProposer(max_len=9, step_tokens=10)
     meter = Meter(ttc.Budget(tokens=5 + 4 * 10 + 4 * 5 + 3))  # prompt, round 1, round 2 at 5 tokens a step, 3
-    result = Beam(width=2, expand=2, max_depth=9)(PROBLEM, proposer, TableVerifier({}), meter)
+    result = Beam(n=2, expand=2, max_depth=9)(PROBLEM, proposer, TableVerifier({}), meter)
     steps = {path_of(result, n): n["tokens"] for n in result.tree["nodes"]}
     assert len(result.tree["history"]) == 2  # round 3 could give each of 4 children 3 // 4 = 0 tokens
     assert steps["a"] == 10 and steps["aa"] == 5  # round 2 shrank its steps to what was left
@@ -183,7 +186,7 @@ def test_a_selector_that_keeps_fewer_beams_gives_the_survivors_more_children():
             return [scored[0].branch]
 
     proposer = FakeProposer(max_len=2)
-    result = Beam(width=3, expand=2, selector=KeepOne())(PROBLEM, proposer, TableVerifier({}), Meter())
+    result = Beam(n=3, expand=2, selector=KeepOne())(PROBLEM, proposer, TableVerifier({}), Meter())
     a = next(n for n in result.tree["nodes"] if path_of(result, n) == "a")
     assert proposer.drawn[a["id"]] == 6  # all 3 slots * 2 children go to the one survivor
     assert proposer.live == set()
@@ -195,14 +198,14 @@ def test_a_selector_that_keeps_fewer_beams_gives_the_survivors_more_children():
 def test_dvts_selects_within_each_subtree_so_a_weak_subtree_survives():
     table = {"a": .9, "b": .8, "c": .7, "d": .6, "e": .1, "f": .2, "g": .3, "h": .05}
     proposer = FakeProposer(max_len=9)
-    dvts = DVTS(width=4, subtrees=2, expand=2, max_depth=1)(PROBLEM, proposer, TableVerifier(table), Meter())
+    dvts = DVTS(n=4, subtrees=2, expand=2, max_depth=1)(PROBLEM, proposer, TableVerifier(table), Meter())
     kept = sorted(path_of(dvts, n) for n in dvts.tree["nodes"] if n["status"] in ("kept", "chosen")
                   and n["depth"] == 1)
     assert kept == ["a", "b", "f", "g"]  # a-d went to subtree 1, e-h to subtree 2
     assert dvts.answer == "a!" and proposer.live == set()
 
     proposer = FakeProposer(max_len=9)
-    beam = Beam(width=4, expand=2, max_depth=1)(PROBLEM, proposer, TableVerifier(table), Meter())
+    beam = Beam(n=4, expand=2, max_depth=1)(PROBLEM, proposer, TableVerifier(table), Meter())
     kept = sorted(path_of(beam, n) for n in beam.tree["nodes"] if n["status"] in ("kept", "chosen")
                   and n["depth"] == 1)
     assert kept == ["a", "b", "c", "d"]
@@ -215,9 +218,9 @@ def test_weighted_dvts_answers_with_the_heaviest_group_of_equal_answers():
 
     proposer = Answers(ends={"a", "b", "c"})
     table = {"a": .9, "b": .5, "c": .6}
-    plain = DVTS(width=3, subtrees=3, expand=1)(PROBLEM, proposer, TableVerifier(table), Meter())
+    plain = DVTS(n=3, subtrees=3, expand=1)(PROBLEM, proposer, TableVerifier(table), Meter())
     proposer = Answers(ends={"a", "b", "c"})
-    weighted = DVTS(width=3, subtrees=3, expand=1, weighted=True)(PROBLEM, proposer, TableVerifier(table), Meter())
+    weighted = DVTS(n=3, subtrees=3, expand=1, weighted=True)(PROBLEM, proposer, TableVerifier(table), Meter())
     assert plain.answer == "1"
     assert weighted.answer == "2" and weighted.score == .6  # 0.5 + 0.6 outweigh 0.9; c is its best member
 
@@ -225,7 +228,7 @@ def test_weighted_dvts_answers_with_the_heaviest_group_of_equal_answers():
 def test_dvts_releases_the_verifier_state_of_every_branch_it_drops():
     table = {"a": .9, "b": .8, "c": .7, "d": .6}
     verifier = TableVerifier(table)
-    result = DVTS(width=2, subtrees=2, expand=2, max_depth=1)(PROBLEM, FakeProposer(), verifier, Meter())
+    result = DVTS(n=2, subtrees=2, expand=2, max_depth=1)(PROBLEM, FakeProposer(), verifier, Meter())
     assert statuses(result) == {"": "root", "a": "kept", "b": "pruned", "c": "kept", "d": "pruned", "a!": "chosen"}
     assert {n["id"] for n in result.tree["nodes"]} == verifier.released
 
@@ -236,7 +239,7 @@ def test_dvts_releases_the_verifier_state_of_every_branch_it_drops():
 def test_astar_pops_the_lowest_f_and_answers_with_the_first_finished_branch_popped():
     table = {"a": .9, "b": .5, "aa": .2, "ab": .6, "aba": .9, "abb": .1}
     proposer = FakeProposer(max_len=3)
-    result = AStar(expand=2)(PROBLEM, proposer, TableVerifier(table), Meter())
+    result = AStar(n=2)(PROBLEM, proposer, TableVerifier(table), Meter())
     assert result.answer == "aba" and result.score == .9
     expanded = [path_of(result, next(n for n in result.tree["nodes"] if n["id"] == h["expanded"]))
                 for h in result.tree["history"]]
@@ -256,7 +259,7 @@ def test_astar_priority_is_mean_step_cost_plus_latest_step_cost():
 def test_astar_with_a_bounded_frontier_releases_what_it_prunes():
     table = {"a": .9, "b": .8, "c": .1, "aa": .9, "ab": .2, "aaa": .9}
     proposer = FakeProposer(max_len=3)
-    result = AStar(expand=3, max_frontier=2)(PROBLEM, proposer, TableVerifier(table, default=.3), Meter())
+    result = AStar(n=3, max_frontier=2)(PROBLEM, proposer, TableVerifier(table, default=.3), Meter())
     status = statuses(result)
     assert status["c"] == "pruned" and result.answer == "aaa"
     assert proposer.live == set()
@@ -265,7 +268,7 @@ def test_astar_with_a_bounded_frontier_releases_what_it_prunes():
 def test_astar_falls_back_to_the_best_open_branch_completed_when_out_of_expansions():
     table = {"a": .9, "b": .5}
     proposer = FakeProposer(max_len=9)
-    result = AStar(expand=2, max_expansions=1)(PROBLEM, proposer, TableVerifier(table), Meter())
+    result = AStar(n=2, max_expansions=1)(PROBLEM, proposer, TableVerifier(table), Meter())
     assert result.answer == "a!"
     assert proposer.live == set()
 
@@ -357,10 +360,10 @@ def test_each_strategy_config_builds_its_class_without_the_proposer_keys(name, c
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "strategy" / f"{name}.yaml")
-    assert cfg._target_.startswith("ttc.") and cfg.temperature == 0.8 and cfg.max_tokens == 768
-    for key in ("temperature", "top_p", "max_tokens", "max_step_tokens"):
-        cfg.pop(key, None)
+    file = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "strategy" / f"{name}.yaml")
+    assert "proposer" not in file  # a step strategy keeps configs/proposer/local.yaml's defaults (768 tokens)
+    cfg = file.strategy
+    assert cfg._target_.startswith("ttc.")
     strategy = instantiate(cfg)
     assert type(strategy) is cls
     assert strategy == cls() if name != "ets" else strategy.selector == ETSSelector()
@@ -391,21 +394,21 @@ class AskingVerifier(StepHashVerifier):
 
 def strategies():
     return {
-        "beam": Beam(width=2, expand=2, max_depth=4),
-        "dvts": DVTS(width=4, subtrees=2, expand=1, max_depth=4),
-        "astar": AStar(expand=3, max_expansions=6),
-        "ets": ETS(width=2, expand=2, max_depth=4),
-        "dvts+ets": DVTS(width=4, subtrees=2, expand=2, max_depth=3, selector=ETSSelector(lambda_kv=0.2)),
-        "astar+ets": AStar(expand=3, max_expansions=6, max_frontier=3, selector=ETSSelector(lambda_kv=0.2)),
+        "beam": Beam(n=2, expand=2, max_depth=4),
+        "dvts": DVTS(n=4, subtrees=2, expand=1, max_depth=4),
+        "astar": AStar(n=3, max_expansions=6),
+        "ets": ETS(n=2, expand=2, max_depth=4),
+        "dvts+ets": DVTS(n=4, subtrees=2, expand=2, max_depth=3, selector=ETSSelector(lambda_kv=0.2)),
+        "astar+ets": AStar(n=3, max_expansions=6, max_frontier=3, selector=ETSSelector(lambda_kv=0.2)),
     }
 
 
 def run(model, strategy, budget=None, verifier=None, **proposer_kwargs):
-    from ttc.proposer import LocalProposer
+    from ttc.backends.local import LocalProposer
 
     model.engine.clear_prefix_cache()
     kwargs = dict(max_step_tokens=6, max_tokens=24, seed=0) | proposer_kwargs
-    proposer = LocalProposer(model, **kwargs)
+    proposer = LocalProposer(model, answer_fn=extract_answer, **kwargs)
     meter = Meter(ttc.Budget(tokens=budget))
     result = strategy(PROBLEM, proposer, verifier or StepHashVerifier(), meter)
     return result, meter
@@ -438,11 +441,11 @@ def test_the_same_seed_gives_the_same_search(tiny_model, name):
 
 
 def test_beam_of_width_one_equals_greedy_step_search(tiny_model):
-    from ttc.proposer import LocalProposer
+    from ttc.backends.local import LocalProposer
 
-    result, _ = run(tiny_model, Beam(width=1, expand=1, max_depth=50), temperature=0.0)
+    result, _ = run(tiny_model, Beam(n=1, expand=1, max_depth=50), temperature=0.0)
     tiny_model.engine.clear_prefix_cache()
-    proposer = LocalProposer(tiny_model, max_step_tokens=6, max_tokens=24, temperature=0.0, seed=123)
+    proposer = LocalProposer(tiny_model, answer_fn=extract_answer, max_step_tokens=6, max_tokens=24, temperature=0.0, seed=123)
     meter = Meter()
     branch = proposer.start(PROBLEM, meter)
     while not branch.finished:
@@ -455,10 +458,10 @@ def test_beam_of_width_one_equals_greedy_step_search(tiny_model):
 
 
 def test_ets_hidden_embeddings_cost_a_verifier_token_per_step_token_and_equal_steps_share_a_cluster(tiny_model):
-    from ttc.proposer import LocalProposer
+    from ttc.backends.local import LocalProposer
 
     tiny_model.engine.clear_prefix_cache()
-    proposer = LocalProposer(tiny_model, max_step_tokens=5, max_tokens=24, temperature=0.0)
+    proposer = LocalProposer(tiny_model, answer_fn=extract_answer, max_step_tokens=5, max_tokens=24, temperature=0.0)
     meter = Meter()
     root = proposer.start(PROBLEM, meter)
     children = proposer.propose([root], 3, meter)  # greedy: three equal steps
@@ -496,29 +499,54 @@ class MeanLogprobVerifier:
 
 def _solve_two_gsm8k_problems(embedded, strategy, **proposer_kwargs):
     """Yield (problem, meter, result) for the first two GSM8K test problems under a 1500-token budget."""
-    from ttc.proposer import LocalProposer
+    from ttc.backends.local import LocalProposer
 
-    if not GSM8K.is_file():
-        pytest.skip(f"{GSM8K} is missing")
+    require_data(GSM8K)
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:2]]
     for i, row in enumerate(rows):
         embedded.engine.clear_prefix_cache()
         problem = Problem(id=f"gsm8k-{i}", prompt=[{"role": "user", "content": row["question"]}])
-        proposer = LocalProposer(embedded, seed=0, **proposer_kwargs)
+        proposer = LocalProposer(embedded, answer_fn=extract_answer, seed=0, **proposer_kwargs)
         meter = Meter(ttc.Budget(tokens=1500))
         yield problem, meter, strategy(problem, proposer, MeanLogprobVerifier(), meter)
 
 
+def _path_text(tree: dict, node_id: int) -> str:
+    """A branch's text from the tree alone: the texts of its steps, from the root down to node `node_id`."""
+    nodes = {n["id"]: n for n in tree["nodes"]}
+    texts = []
+    while node_id is not None:
+        texts.append(nodes[node_id]["text"])
+        node_id = nodes[node_id]["parent"]
+    return "".join(reversed(texts))
+
+
+def _check_the_chosen_solution(meter, result) -> dict:
+    """What every strategy's result must say on GSM8K: one chosen node, whose path in the tree is the result's
+    text, whose extracted answer is the result's answer; every generated token in exactly one node of the tree.
+    Returns the chosen node."""
+    (chosen,) = [n for n in result.tree["nodes"] if n["status"] == "chosen"]
+    assert result.text and _path_text(result.tree, chosen["id"]) == result.text
+    assert result.answer == extract_answer(result.text)
+    assert meter.ledger.generated_tokens == sum(n["tokens"] for n in result.tree["nodes"])
+    return chosen
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [Beam(width=4, expand=4), DVTS(width=8, subtrees=4, expand=2),
-                                      AStar(expand=8), ETS(width=4, expand=4)], ids=["beam", "dvts", "astar", "ets"])
+@pytest.mark.parametrize("strategy", [Beam(n=4, expand=4), DVTS(n=8, subtrees=4, expand=2),
+                                      AStar(n=8), ETS(n=4, expand=4)], ids=["beam", "dvts", "astar", "ets"])
 def test_each_search_solves_gsm8k_problems_on_the_embedded_model_within_budget(embedded, strategy):
     for problem, meter, result in _solve_two_gsm8k_problems(embedded, strategy, max_step_tokens=64, max_tokens=200):
         assert meter.ledger.total_tokens <= 1500
         assert pool_is_back(embedded.engine)
-        assert result.text and result.score is not None and 0.0 <= result.score <= 1.0
+        assert result.score is not None and 0.0 <= result.score <= 1.0
         assert result.strategy == {Beam: "beam", DVTS: "dvts", AStar: "astar", ETS: "ets"}[type(strategy)]
-        assert sum(n["status"] == "chosen" for n in result.tree["nodes"]) == 1
+        chosen = _check_the_chosen_solution(meter, result)
+        # the chosen solution is the best-scored candidate, with the score the verifier gave its last step
+        assert chosen["score"] == result.score == max(c["score"] for c in result.candidates)
+        statuses = {n["status"] for n in result.tree["nodes"]}
+        # beams keep a few children of each round and prune the rest; A* without max_frontier prunes nothing
+        assert ("pruned" in statuses) == (not isinstance(strategy, AStar))
         assert result.as_record()["id"] == problem.id
 
 
@@ -531,5 +559,18 @@ def test_each_sampling_strategy_solves_gsm8k_problems_on_the_embedded_model_with
         assert meter.ledger.total_tokens <= 1500
         assert meter.ledger.prefill_tokens == len(embedded.tokenizer.encode_prompt(problem.prompt))  # prompt once
         assert pool_is_back(embedded.engine)
-        assert result.text and result.as_record()["id"] == problem.id
-        assert sum(n["status"] == "chosen" for n in result.tree["nodes"]) == 1
+        assert result.as_record()["id"] == problem.id
+        chosen = _check_the_chosen_solution(meter, result)
+        samples = [n for n in result.tree["nodes"] if n["parent"] is not None]
+        assert len(samples) == getattr(strategy, "n", 1)  # the budget pays for every sample in full
+        assert all(n["status"] == "final" for n in samples if n is not chosen)
+        if isinstance(strategy, SelfConsistency):  # the most voted answer (the first of equals), and its share
+            if result.candidates:
+                top = max(result.candidates, key=lambda c: c["votes"])
+                assert (result.answer, result.score) == (top["answer"], top["votes"] / len(samples))
+            else:  # no sample stated an answer
+                assert result.answer is None and result.score is None
+        else:  # the verifier's score of the chosen sample; plain best-of-n chooses the best-scored one
+            assert chosen["score"] == result.score
+            if isinstance(strategy, BestOfN) and not strategy.weighted:
+                assert result.score == max(c["score"] for c in result.candidates)

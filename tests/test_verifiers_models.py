@@ -45,7 +45,7 @@ def make_branch(model, prompt, step_texts, finished=False, eos=False) -> Branch:
         if last and eos:
             ids = ids + [tok.eos_ids[0]]
         (child,) = engine.fork(branch.handle, 1)
-        engine.extend(child, ids, charge="generated_tokens")
+        engine.extend(child, ids, charge="generated")
         branch = branch.child(child, Step(text, tuple(ids), 0.0, "eos" if last and eos else "step"), seed=0,
                               finished=finished and last)
     return branch
@@ -196,7 +196,7 @@ def test_a_new_step_costs_only_its_own_prm_tokens(tiny_model, step_tag_prm):
 def grow(model, branch: Branch, text: str) -> Branch:
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     (child,) = model.engine.fork(branch.handle, 1)
-    model.engine.extend(child, ids, charge="generated_tokens")
+    model.engine.extend(child, ids, charge="generated")
     return branch.child(child, Step(text, tuple(ids), 0.0, "step"), seed=0, finished=False)
 
 
@@ -422,7 +422,10 @@ def smollm():
 
 
 @pytest.mark.slow
-def test_embedded_model_self_evaluates_a_right_and_a_wrong_answer_within_budget(smollm):
+def test_embedded_model_self_evaluates_a_right_answer_above_a_wrong_one_within_budget(smollm):
+    # This test's pair since it was written, checked once when the comparison was added: the right answer gets
+    # P(yes) 0.533, the wrong one 0.472 (on CPU; the same when each is scored alone). Not picked among other pairs.
+    # A small margin, as expected of a 135M model, but a deterministic one, far above rounding differences.
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     right = make_branch(smollm, prompt, ["2 + 3 = 5. The answer is 5."], finished=True, eos=True)
     wrong = make_branch(smollm, prompt, ["2 + 3 = 9. The answer is 9."], finished=True, eos=True)
@@ -430,8 +433,10 @@ def test_embedded_model_self_evaluates_a_right_and_a_wrong_answer_within_budget(
     verifier = SelfEvalVerifier(smollm)
     budget = ttc.Budget(tokens=int(2 * verifier.cost_per_branch))
     meter = Meter(budget)
-    scores = verifier.score([right, wrong], meter)
-    assert all(0.0 <= s <= 1.0 for s in scores)
-    assert meter.ledger.total_tokens <= budget.tokens
-    assert meter.ledger.verifier_tokens == len(verifier.suffix_ids(right)) + len(verifier.suffix_ids(wrong))
+    right_score, wrong_score = verifier.score([right, wrong], meter)
+    assert 0.0 <= wrong_score < right_score <= 1.0
+    # only the two questions are computed: the solutions' KV is reused, nothing is generated
+    asked = len(verifier.suffix_ids(right)) + len(verifier.suffix_ids(wrong))
+    assert meter.ledger.verifier_tokens == meter.ledger.total_tokens == asked <= budget.tokens
+    assert meter.ledger.prefill_tokens == meter.ledger.generated_tokens == 0
     release_policy(smollm, [right, wrong])

@@ -14,12 +14,14 @@ from ttc.budget import Ledger
 from .cache import KVSequence
 from .sampling import BranchRng
 
-# What given (not sampled) tokens are charged as, by the `charge=` names the engine takes.
-GIVEN_KINDS = {"prefill": Ledger.charge_prefill, "verifier": Ledger.charge_verifier}
+# What given (not sampled) tokens are charged as, by the `charge=` names the engine takes. "generated" is
+# for text that stands for the model's own output (replaying a solution, teacher forcing in tests).
+GIVEN_KINDS = {"prefill": Ledger.charge_prefill, "verifier": Ledger.charge_verifier,
+               "generated": Ledger.charge_generated}
 
 
 def charge_given(ledger: Ledger | None, kind: str, tokens: int) -> None:
-    """Charge `tokens` given tokens of `kind` ("prefill" or "verifier") to `ledger` (None: only check the kind)."""
+    """Charge `tokens` given tokens of `kind` (a GIVEN_KINDS name) to `ledger` (None: only check the kind)."""
     if kind not in GIVEN_KINDS:
         raise ValueError(f"charge must be one of {sorted(GIVEN_KINDS)}, got {kind!r}")
     if ledger is not None:
