@@ -121,3 +121,17 @@ def test_model_verifiers_need_their_capabilities_and_say_so_in_one_line():
         SelfEvalVerifier(backend)
     with pytest.raises(MissingCapability, match="^verifier=probe needs hidden states"):
         ProbeVerifier(backend)
+
+
+def test_self_eval_is_neutral_when_neither_answer_word_is_in_a_top_k_distribution():
+    import torch
+
+    from ttc.verifiers.self_eval import SelfEvalVerifier
+
+    judge = SelfEvalVerifier.__new__(SelfEvalVerifier)  # only yes_probability: no backend needed
+    judge.yes_ids, judge.no_ids = torch.tensor([1, 2]), torch.tensor([3])
+    top_k_only = torch.full((5,), -float("inf"))
+    top_k_only[0] = -0.1  # the server's top-1 is neither word
+    assert judge.yes_probability(top_k_only) == 0.5
+    top_k_only[3] = -2.0  # "no" made the top-k, "yes" did not
+    assert judge.yes_probability(top_k_only) == 0.0

@@ -121,7 +121,10 @@ class SelfEvalVerifier:
         return [self.yes_probability(r.last_logprobs) for r in results]
 
     def yes_probability(self, logprobs: torch.Tensor) -> float:
-        """P(yes) / (P(yes) + P(no)) from a next-token log-distribution (V,)."""
+        """P(yes) / (P(yes) + P(no)) from a next-token log-distribution (V,); 0.5 when neither word has any
+        mass in it (a remote backend's distribution is -inf outside the server's top-k)."""
         yes = torch.logsumexp(logprobs[self.yes_ids], 0)
         no = torch.logsumexp(logprobs[self.no_ids], 0)
+        if torch.isneginf(yes) and torch.isneginf(no):
+            return 0.5
         return float(torch.sigmoid(yes - no))

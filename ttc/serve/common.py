@@ -61,7 +61,8 @@ def sample_job(runtime: Runtime, body: _SamplingRequest, prompt_ids: list[int], 
     except ValueError as e:
         raise bad_request(str(e)) from None
     job = SampleJob(tuple(prompt_ids), body.n, resolve_seed(body.seed), params, max_tokens, body.stop_strings,
-                    body.ignore_eos, body.include_stop_str_in_output, top_logprobs, prompt_logprobs)
+                    body.ignore_eos, body.include_stop_str_in_output, top_logprobs, prompt_logprobs,
+                    body.ttc_skip_draws)
     blocks = runtime.kv_blocks_for(len(prompt_ids), body.n, max_tokens, copies=2 if top_logprobs else 1,
                                    prompt_replay=prompt_logprobs is not None)
     return job, blocks

@@ -68,6 +68,9 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False
     ignore_eos: bool = False
+    # ttc's extension: each sample's random stream first skips this many draws (a client continuing a
+    # branch that has already sampled that many tokens reproduces the local engine's stream exactly)
+    ttc_skip_draws: int = Field(0, ge=0)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ttc: TTCOptions | None = None

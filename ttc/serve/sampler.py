@@ -56,6 +56,7 @@ class SampleJob:
     include_stop: bool = False  # keep the matched stop string at the end of the text (vLLM's flag)
     top_logprobs: int = 0  # alternatives per sampled token (0: only the sampled token's own logprob)
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and its top k
+    skip_draws: int = 0  # uniforms each sample's stream skips first (ttc_skip_draws)
 
 
 @dataclass
@@ -195,6 +196,9 @@ def run_sampling(view, job: SampleJob, emit: Callable[[list[Delta]], None] | Non
     if emit is not None:
         emit(PromptInfo(cached, prompt_lp))
     children = view.fork(parent, job.n, seeds=sample_seeds(job.seed, job.n))
+    for child in children:  # continue a stream where a client's branch left it
+        for _ in range(job.skip_draws):
+            child.rng.uniform()
     replays = [_Replay(s) for s in view.fork(parent, job.n, seeds=[0] * job.n)] if job.top_logprobs else None
     tops: list[list[TopLogprobs]] = [[] for _ in range(job.n)]
     streams = [_TextStream(view.tokenizer, job.stop) for _ in range(job.n)]
