@@ -33,6 +33,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import vllm_env  # noqa: E402  (OMP_NUM_THREADS=2 VLLM_CPU_OMP_THREADS_BIND=0-1 on this 2-core machine)
+
 NAME = "smollm2-135m"
 SYSTEM = ("You are a careful math tutor. Solve the problem step by step, writing each step on its own "
           "paragraph, check the arithmetic of every step, and end with 'The answer is N.' where N is a number. ")
@@ -168,28 +171,20 @@ def measure(server: Server, prompt_ids, args) -> dict[str, dict]:
 
 
 def hf_folder(args) -> Path:
-    """A Hugging Face folder of the embedded model's weights for vLLM (converted from the GGUF once)."""
+    """A Hugging Face folder of the model's weights for vLLM (converted from the GGUF once: benchmarks/peers.py)."""
     if args.hf_folder:
         return Path(args.hf_folder)
-    from transformers import AutoModelForCausalLM
+    from peers import export_hf_folder
 
-    from ttc.decoder.tokenizer import load_tokenizer
     from ttc.decoder.weights import cache_root, resolve
 
-    source = resolve(args.model)
-    out = cache_root() / "hf" / source.path.stem
-    if not (out / "config.json").is_file():
-        print(f"converting {source.path.name} to a Hugging Face folder for vLLM: {out}", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
-        model.save_pretrained(str(out))
-        load_tokenizer(source).hf.save_pretrained(str(out))
-    return out
+    return export_hf_folder(cache_root() / "hf" / resolve(args.model).path.stem, spec=args.model)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=NAME, help="what ttc serves (vLLM gets the same weights as a HF folder)")
-    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16, for both servers")
+    ap.add_argument("--dtype", default="bfloat16", help="bfloat16 (ttc's and vLLM's choice on this CPU) | float32, for both")
     ap.add_argument("--kv-cache-gb", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=None, help="ttc serve's torch threads")
     ap.add_argument("--vllm-python", default=None, help="the python of a venv with vLLM (CPU build) installed")
@@ -225,8 +220,8 @@ def main() -> None:
     port = free_port()
     cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_folder(args)),
            "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
-           "--max-model-len", "4096", "--enable-prefix-caching"]
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(args.kv_cache_gb))), "VLLM_TARGET_DEVICE": "cpu"}
+           "--max-model-len", "4096", "--enable-prefix-caching", "--gpu-memory-utilization", "0.25"]
+    env = {**vllm_env(), "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(args.kv_cache_gb))), "VLLM_TARGET_DEVICE": "cpu"}
     with Server("vLLM", cmd, port, env=env, log=logs / "vllm.log") as server:
         vllm_rows = measure(server, prompt_ids, args)
     print("\n| workload | tok/s ttc / vLLM | p50 ttc / vLLM | p99 ttc / vLLM |\n|---|---|---|---|")
