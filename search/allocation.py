@@ -40,7 +40,7 @@ from ttc.budget import Budget, CannotAttempt, Ledger
 from ttc.graph import Meter, Problem
 from ttc.result import Result, Tree
 from ttc.search.best_of_n import best_scored
-from ttc.search.common import score_or_zero, verifier_cost
+from ttc.search.common import bind_verifier, score_or_zero, verifier_cost
 from ttc.search.self_consistency import majority
 from ttc.verifiers.vote import vote
 
@@ -278,13 +278,14 @@ class AdaptiveStop(_Allocator):
 
         def body(meter: Meter) -> Result:
             tree = Tree()
+            bound = bind_verifier(verifier, problem, proposer, meter)
             root = proposer.start(problem, meter)
             tree.add(root, status="root")
             samples, answers, scores = [], [], []
             try:
-                why = _sample_rounds(proposer, root, meter, verifier, samples, answers, scores, self.round_size,
+                why = _sample_rounds(proposer, root, meter, bound, samples, answers, scores, self.round_size,
                                      self.max_samples, self.confidence, tree,
-                                     verified=self.verified if verifier is not None else None)
+                                     verified=self.verified if bound is not None else None)
                 tree.history.append({"stopped": why})
                 return _decide(self.name, problem, proposer, meter, tree, samples, answers, scores,
                                weighted=self.weighted)
@@ -367,15 +368,16 @@ class Difficulty(_Allocator):
 
         def body(meter: Meter) -> Result:
             tree = Tree()
-            if verifier is not None:
-                meter.verifier_cost = verifier_cost(verifier)
+            bound = bind_verifier(verifier, problem, proposer, meter)
+            if bound is not None:
+                meter.verifier_cost = verifier_cost(bound)
             root = proposer.start(problem, meter)
             tree.add(root, status="root")
             samples: list = []
             try:
                 before = meter.ledger.total_tokens
                 samples = proposer.propose([root], self.first_pass, meter, to_end=True)
-                scores = score_or_zero(verifier, samples, meter) if verifier is not None else [None] * len(samples)
+                scores = score_or_zero(bound, samples, meter) if bound is not None else [None] * len(samples)
                 answers = [proposer.answer(b) for b in samples]
                 for b, s in zip(samples, scores):
                     tree.add(b, score=s, status="final")
@@ -389,11 +391,11 @@ class Difficulty(_Allocator):
                     meter.budget = Budget(tokens=cap)
                 why = "answered"
                 if entry["cap_factor"] > 0 and samples:
-                    why = _sample_rounds(proposer, root, meter, verifier, samples, answers, scores, self.round_size,
+                    why = _sample_rounds(proposer, root, meter, bound, samples, answers, scores, self.round_size,
                                          self.max_samples, self.confidence, tree, rounds_done=1)
                 tree.history.append({"stopped": why})
                 return _decide(self.name, problem, proposer, meter, tree, samples, answers, scores,
-                               by_score=entry["strategy"] == "best_of_n" and verifier is not None)
+                               by_score=entry["strategy"] == "best_of_n" and bound is not None)
             finally:
                 proposer.release([root, *samples])
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from ttc.graph import Branch, Meter, Problem, Scored, Selector
 from ttc.result import Result, Tree
 from ttc.search.beam import complete_open, latest_score, prepare, release
-from ttc.search.common import finish, score_or_zero
+from ttc.search.common import bind_verifier, finish, score_or_zero
 
 MIN_SCORE = 1e-6
 
@@ -68,6 +68,7 @@ class AStar:
 
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         tree = Tree()
+        verifier = bind_verifier(verifier, problem, proposer, meter)
         selector = prepare(self.selector, proposer, verifier, meter)
         search = _Search(self, proposer, verifier, selector, meter, tree)
         root = proposer.start(problem, meter)

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 from ttc.graph import Branch, Meter, Problem, Scored, Selector
 from ttc.result import Result, Tree
-from ttc.search.common import finish, score_or_zero, verifier_cost
+from ttc.search.common import bind_verifier, finish, score_or_zero, verifier_cost
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,7 @@ class Beam:
 
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         tree = Tree()
+        verifier = bind_verifier(verifier, problem, proposer, meter)
         selector = prepare(self.selector, proposer, verifier, meter)
         root = proposer.start(problem, meter)
         tree.add(root, status="root")

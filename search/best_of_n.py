@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ttc.graph import Branch, Meter, Problem
 from ttc.result import Result, Tree
-from ttc.search.common import finish, score_or_zero, verifier_cost
+from ttc.search.common import bind_verifier, finish, score_or_zero, verifier_cost
 from ttc.verifiers.vote import vote
 
 
@@ -38,6 +38,7 @@ class BestOfN:
 
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         tree = Tree()
+        verifier = bind_verifier(verifier, problem, proposer, meter)
         meter.verifier_cost = verifier_cost(verifier)
         root = proposer.start(problem, meter)
         tree.add(root, status="root")

@@ -1,4 +1,5 @@
-"""What every strategy shares: turning a chosen branch into a Result, and the verifier's cost model."""
+"""What every strategy shares: turning a chosen branch into a Result, the verifier's cost model, and binding a
+verifier to its problem."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ def verifier_cost(verifier: Verifier | None) -> tuple[float, float]:
     if verifier is None:
         return (0.0, 0.0)
     return (float(getattr(verifier, "cost_per_branch", 0.0)), float(getattr(verifier, "cost_per_token", 0.0)))
+
+
+def bind_verifier(verifier: Verifier | None, problem: Problem, proposer, meter: Meter) -> Verifier | None:
+    """The verifier to score this problem's branches with: `verifier.for_problem(problem, proposer, meter)`
+    for a verifier that needs the problem itself (verifier=execution runs the tests its prompt shows and has
+    the policy write more), else the verifier as it is. Every strategy calls it first."""
+    bind = getattr(verifier, "for_problem", None)
+    return verifier if bind is None else bind(problem, proposer, meter)
 
 
 def score_or_zero(verifier: Verifier | None, branches: list[Branch], meter: Meter) -> list[float]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ttc.graph import Meter, Problem, Selector
 from ttc.result import Result, Tree
 from ttc.search.beam import Frontier, conclude, prepare, rank, release_frontiers, run_rounds
-from ttc.search.common import finish
+from ttc.search.common import bind_verifier, finish
 from ttc.verifiers.vote import vote
 
 
@@ -39,6 +39,7 @@ class DVTS:
 
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         tree = Tree()
+        verifier = bind_verifier(verifier, problem, proposer, meter)
         selector = prepare(self.selector, proposer, verifier, meter)
         root = proposer.start(problem, meter)
         tree.add(root, status="root")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ttc.graph import Meter, Problem
 from ttc.result import Result, Tree
-from ttc.search.common import finish, score_or_zero, verifier_cost
+from ttc.search.common import bind_verifier, finish, score_or_zero, verifier_cost
 
 
 @dataclass
@@ -25,6 +25,7 @@ class GreedyDecoding:
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         proposer = proposer.with_temperature(0.0)
         tree = Tree()
+        verifier = bind_verifier(verifier, problem, proposer, meter)
         meter.verifier_cost = verifier_cost(verifier)
         root = proposer.start(problem, meter)
         tree.add(root, status="root")

@@ -40,7 +40,7 @@ import numpy as np
 
 from ttc.graph import Branch, Meter, Problem, problem_seed
 from ttc.result import Result, Tree
-from ttc.search.common import finish, score_or_zero, verifier_cost
+from ttc.search.common import bind_verifier, finish, score_or_zero, verifier_cost
 from ttc.verifiers.vote import vote
 
 _RESAMPLING_STREAM = 0x9F  # mixed into the resampling seed, so it is not the root's sampling stream
@@ -259,6 +259,7 @@ class ParticleFilter:
 
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         tree = Tree(kind="particles")
+        verifier = bind_verifier(verifier, problem, proposer, meter)
         meter.verifier_cost = verifier_cost(verifier)
         rng = np.random.default_rng([problem_seed(problem.id, getattr(proposer, "seed", 0)), _RESAMPLING_STREAM])
         holds = Holds(proposer)
