@@ -5,7 +5,9 @@ tests/golden/*.json were written by commit 42ceb53 (before the refactor) with th
 (`strategy.max_tokens`, `strategy.width`, `strategy.particles`, A*'s `strategy.expand`); the overrides
 below are the same runs in today's shape. Everything in a record is compared except `wall_s`:
 answers, texts, candidates, grades, and every ledger count (prefill, reused, generated, verifier
-tokens, forward passes, FLOPs, peak KV bytes). float32, so oneDNN's bf16 blocking cannot differ.
+tokens, forward passes, FLOPs, peak KV bytes). float32, so oneDNN's bf16 blocking cannot differ; and two
+torch threads, as the golden runs had: a float32 CPU matmul's reduction order depends on the thread count,
+which moves the verifiers' scores in their last bits (other test modules set one thread for the process).
 
 One known difference is not covered here: an allocator that answers by a verifier's scores (AdaptiveStop
 with weighted=true, Difficulty's best_of_n band) now lists best-of-n's candidates (one per sample) instead
@@ -18,6 +20,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from ttc.evals.__main__ import config_dict
@@ -48,6 +51,14 @@ RUNS = {
 }
 
 
+@pytest.fixture
+def golden_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def records_of(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     for row in rows:
@@ -57,7 +68,7 @@ def records_of(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
-def test_a_fixed_seed_eval_writes_the_records_the_code_before_the_refactor_wrote(name, tmp_path):
+def test_a_fixed_seed_eval_writes_the_records_the_code_before_the_refactor_wrote(name, tmp_path, golden_threads):
     with initialize_config_module(config_module="ttc.configs", version_base="1.3"):
         cfg = config_dict(compose("eval", overrides=BASE + RUNS[name]))
     run_eval(cfg, tmp_path)
