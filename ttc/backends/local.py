@@ -11,12 +11,10 @@ strategy or verifier sees a Sequence, a block table or the engine itself.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import replace
 from typing import Sequence
 
-from ttc.decoder.sampling import SamplingParams, child_seed
+from ttc.backends.steps import StepProposer
 from ttc.graph import (HIDDEN_STATES, LOGPROBS, SHARED_KV, AnswerFn, Branch, ContinuationScore, Meter, Problem, Step,
                        backend_of, problem_seed)
 
@@ -76,7 +74,7 @@ class SharedModel:
         return getattr(self._model, name)
 
 
-class LocalProposer:
+class LocalProposer(StepProposer):
     """Proposes steps with ttc's own decoder; children share their parent's KV blocks.
 
     A step ends at `step_stop` (default: a blank line), after `max_step_tokens`, or at EOS.
@@ -87,14 +85,9 @@ class LocalProposer:
     def __init__(self, model, step_stop: tuple[str, ...] = ("\n\n",), max_step_tokens: int = 256,
                  max_tokens: int = 768, temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, seed: int = 0, answer_fn: AnswerFn | None = None):
+        super().__init__(step_stop, max_step_tokens, max_tokens, temperature, top_p, top_k, min_p, seed, answer_fn)
         self.backend = backend_of(model)
         self.model, self.engine = self.backend.model, self.backend.engine
-        self.step_stop = tuple(step_stop)
-        self.max_step_tokens, self.max_tokens = max_step_tokens, max_tokens
-        self.params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-        self.seed = seed
-        self.answer_fn = answer_fn
-        self._expansions: dict[int, int] = {}  # branch id -> children drawn so far (seeds never repeat)
 
     # -- roots -----------------------------------------------------------------------------------
 
@@ -110,11 +103,6 @@ class LocalProposer:
         return Branch(handle=seq, seed=seq.rng.seed)
 
     # -- expansion -------------------------------------------------------------------------------
-
-    def _seeds(self, branch: Branch, n: int) -> list[int]:
-        start = self._expansions.get(branch.id, 0)
-        self._expansions[branch.id] = start + n
-        return [child_seed(branch.seed, start + i) for i in range(n)]
 
     def _limits(self, branches: list[Branch], per_branch: int, meter: Meter, step_cap: int | None) -> list[int]:
         """Per-child token limits: the step cap, the solution cap, and an equal share of what is affordable."""
@@ -171,22 +159,7 @@ class LocalProposer:
         return [[replace(b, handle=h) for h in self.engine.fork(b.handle, k, ledger=meter.ledger)] if k > 0 else []
                 for b, k in zip(branches, copies)]
 
-    def with_temperature(self, temperature: float) -> "LocalProposer":
-        """Itself if it already samples at `temperature`, else a shallow copy that does (same engine, same
-        seed streams and expansion counts)."""
-        if self.params.temperature == temperature:
-            return self
-        other = copy.copy(self)
-        other.params = dataclasses.replace(self.params, temperature=temperature)
-        return other
-
     # -- bookkeeping -----------------------------------------------------------------------------
 
     def release(self, branches: list[Branch]) -> None:
         self.engine.release([b.handle for b in branches])
-
-    def answer(self, branch: Branch) -> str | None:
-        if self.answer_fn is None:
-            raise ValueError("this proposer has no answer extractor: pass answer_fn= (e.g. a dataset's extract, "
-                             "or ttc.verifiers.math.extract_answer)")
-        return self.answer_fn(branch.text)

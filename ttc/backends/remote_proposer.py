@@ -9,12 +9,11 @@ whose seed is the child's (with `features.n`, one request per parent). A branch'
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import replace
 
 from ttc.backends.remote_wire import RemoteHandle, Sample, sample_body
-from ttc.decoder.sampling import SamplingParams, child_seed
+from ttc.backends.steps import StepProposer
+from ttc.decoder.sampling import child_seed
 from ttc.graph import AnswerFn, Branch, Meter, Problem, Step, backend_of, problem_seed
 
 __all__ = ["RemoteProposer"]
@@ -22,7 +21,7 @@ __all__ = ["RemoteProposer"]
 CONTINUED_STREAM = 1 << 32  # complete() on a branch whose stream has advanced: see RemoteProposer.complete
 
 
-class RemoteProposer:
+class RemoteProposer(StepProposer):
     """Proposes steps on a RemoteBackend (the eval injects it as `model`, as it does for LocalProposer).
 
     A step ends at `step_stop` (default: a blank line, kept in the step), after `max_step_tokens`, or at
@@ -33,17 +32,12 @@ class RemoteProposer:
     def __init__(self, model, step_stop: tuple[str, ...] = ("\n\n",), max_step_tokens: int = 256,
                  max_tokens: int = 768, temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, seed: int = 0, answer_fn: AnswerFn | None = None):
+        super().__init__(step_stop, max_step_tokens, max_tokens, temperature, top_p, top_k, min_p, seed, answer_fn)
         self.backend = backend_of(model)
         if getattr(self.backend, "kind", None) != "remote":
             raise TypeError(f"RemoteProposer runs on a RemoteBackend, not {type(self.backend).__name__} "
                             "(a model loaded here takes LocalProposer)")
-        self.step_stop = tuple(step_stop)
-        self.max_step_tokens, self.max_tokens = max_step_tokens, max_tokens
-        self.params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
         sample_body(self.backend.features, "", [0], str, 1, self.params, (), None)  # settings the server takes
-        self.seed = seed
-        self.answer_fn = answer_fn
-        self._expansions: dict[int, int] = {}  # branch id -> children drawn so far (seeds never repeat)
 
     # -- roots -----------------------------------------------------------------------------------------
 
@@ -56,11 +50,6 @@ class RemoteProposer:
         return Branch(handle=RemoteHandle(tuple(ids), seed), seed=seed)
 
     # -- expansion -------------------------------------------------------------------------------------
-
-    def _seeds(self, branch: Branch, n: int) -> list[int]:
-        start = self._expansions.get(branch.id, 0)
-        self._expansions[branch.id] = start + n
-        return [child_seed(branch.seed, start + i) for i in range(n)]
 
     def _reserve(self, branches: list[Branch], per_branch: int) -> int:
         """The prompt tokens a round on `branches` should make the server compute, paid for before the
@@ -173,22 +162,7 @@ class RemoteProposer:
         return [[replace(b, handle=replace(b.handle, stream_seed=child_seed(b.handle.stream_seed, i), draws=0))
                  for i in range(k)] if k > 0 else [] for b, k in zip(branches, copies)]
 
-    def with_temperature(self, temperature: float) -> "RemoteProposer":
-        """Itself if it already samples at `temperature`, else a shallow copy that does (same backend, same
-        seed streams and expansion counts)."""
-        if self.params.temperature == temperature:
-            return self
-        other = copy.copy(self)
-        other.params = dataclasses.replace(self.params, temperature=temperature)
-        return other
-
     # -- bookkeeping -----------------------------------------------------------------------------------
 
     def release(self, branches: list[Branch]) -> None:
         """Nothing is held on the server: a branch is its token ids, sent again with each request."""
-
-    def answer(self, branch: Branch) -> str | None:
-        if self.answer_fn is None:
-            raise ValueError("this proposer has no answer extractor: pass answer_fn= (e.g. a dataset's extract, "
-                             "or ttc.verifiers.math.extract_answer)")
-        return self.answer_fn(branch.text)
