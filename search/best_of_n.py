@@ -31,6 +31,17 @@ def best_scored(name: str, problem: Problem, proposer, meter: Meter, tree: Tree,
     return finish(name, problem, proposer, meter, tree, samples[best], scores[best], candidates)
 
 
+def score_and_choose(name: str, problem: Problem, proposer, verifier, meter: Meter, tree: Tree,
+                     samples: list[Branch], weighted: bool) -> Result:
+    """Score finished samples, record them in the tree, and choose by `best_scored` (best-of-n's rule,
+    shared with strategies that reach their samples another way: plansearch)."""
+    scores = score_or_zero(verifier, samples, meter)
+    answers = [proposer.answer(b) for b in samples]
+    for b, s in zip(samples, scores):
+        tree.add(b, score=s, status="final")
+    return best_scored(name, problem, proposer, meter, tree, samples, answers, scores, weighted)
+
+
 @dataclass
 class BestOfN:
     n: int = 8
@@ -45,11 +56,7 @@ class BestOfN:
         samples = proposer.propose([root], self.n, meter, to_end=True)
         proposer.release([root])
         try:
-            scores = score_or_zero(verifier, samples, meter)
-            answers = [proposer.answer(b) for b in samples]
-            for b, s in zip(samples, scores):
-                tree.add(b, score=s, status="final")
-            return best_scored("best_of_n", problem, proposer, meter, tree, samples, answers, scores, self.weighted)
+            return score_and_choose("best_of_n", problem, proposer, verifier, meter, tree, samples, self.weighted)
         finally:
             proposer.release(samples)
 

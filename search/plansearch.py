@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from ttc.budget import CannotAttempt
 from ttc.graph import Branch, Meter, Problem
 from ttc.result import Result, Tree
-from ttc.search.best_of_n import best_scored
-from ttc.search.common import bind_verifier, finish, score_or_zero, verifier_cost
+from ttc.search.best_of_n import score_and_choose
+from ttc.search.common import bind_verifier, verifier_cost
 
 OBSERVATION_PROMPT = ("{task}\n\nDo not write code yet. First list a few short observations about this problem that "
                       "would help to solve it (properties of the input, edge cases, a useful idea), one per line.")
@@ -57,13 +57,7 @@ class PlanSearch:
             programs = self._sample(problem, proposer, meter, tree, "code",
                                     [(self.code_prompt, {"plan": text}) for text in plans or [""]],
                                     _spread(self.n, len(plans or [""])))
-            if not programs:
-                return finish("plansearch", problem, proposer, meter, tree, None, None)
-            scores = score_or_zero(verifier, programs, meter)
-            answers = [proposer.answer(b) for b in programs]
-            for b, s in zip(programs, scores):
-                tree.add(b, score=s, status="final")
-            return best_scored("plansearch", problem, proposer, meter, tree, programs, answers, scores, self.weighted)
+            return score_and_choose("plansearch", problem, proposer, verifier, meter, tree, programs, self.weighted)
         finally:
             proposer.release(programs)
 
