@@ -1,5 +1,10 @@
 """The one place configs become objects: `_target_` is the registry, restricted to `ttc.*`.
 
+A run config may widen that for its strategy and verifier nodes with `allowed_targets`, a list of the
+user's own packages (`allowed_targets: [mylab.layers]` lets `_target_: mylab.layers.KeepShortest` be built:
+a pipeline layer, a strategy or a verifier of one's own, importable from the run). Only `build_run` reads it,
+from the run's own config; a `ttc serve` request never widens anything.
+
 Configs arrive here as plain dicts (the CLI converts Hydra's DictConfig at the edge). A node with
 a `_target_` is built by calling that class or function with the node's other keys; nested nodes
 with a `_target_` are built first. Objects the run owns (the policy model) are injected into every
@@ -18,6 +23,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,13 +31,14 @@ from typing import Any, Callable
 from ttc.budget import Budget, Ledger
 from ttc.evals.datasets import Dataset
 
-__all__ = ["ConfigError", "locate", "instantiate", "accepts", "missing_keys", "build_dataset", "eval_split",
-           "train_split", "TRAIN_SEED_OFFSET", "load_model", "proposer_factory", "build_verifier", "build_allocation",
-           "build_run", "Run", "run_names", "run_label"]
+__all__ = ["ConfigError", "locate", "instantiate", "allowed_targets", "accepts", "missing_keys", "build_dataset",
+           "eval_split", "train_split", "TRAIN_SEED_OFFSET", "load_model", "proposer_factory", "build_strategy",
+           "build_verifier", "build_allocation", "build_run", "Run", "run_names", "run_label"]
 
 log = logging.getLogger(__name__)
 
 ALLOWED_PREFIX = "ttc."
+ALLOW_KEY = "allowed_targets"  # the run config's extra packages its strategy and verifier nodes may name
 MISSING = "???"  # Hydra's mandatory-value marker, kept as a string by OmegaConf.to_container
 TRAIN_SEED_OFFSET = 1_000_000  # a reasoning-gym training seed far from any evaluated one
 
@@ -40,10 +47,32 @@ class ConfigError(ValueError):
     """A config that cannot be built: an unknown or disallowed target, a missing mandatory value."""
 
 
-def locate(target: str) -> Any:
-    """The object named by a dotted path inside the `ttc` package."""
-    if not isinstance(target, str) or not target.startswith(ALLOWED_PREFIX):
-        raise ConfigError(f"_target_ must name something inside the ttc package ({ALLOWED_PREFIX}...), got {target!r}")
+def allowed_targets(cfg: dict) -> tuple[str, ...]:
+    """The run config's `allowed_targets`: packages or modules (dotted names) outside ttc whose objects its
+    strategy and verifier nodes may name. Allowing a package lets the config run its code: name only your
+    own; the standard library is refused (os.system, subprocess.run, builtins.eval would be one line away)."""
+    names = cfg.get(ALLOW_KEY) or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    for name in names:
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"{ALLOW_KEY}: each entry is a dotted package or module name (mylab.layers), "
+                              f"got {name!r}")
+        top = name.split(".")[0]
+        if top == "ttc" or top in sys.stdlib_module_names:
+            where = "ttc itself" if top == "ttc" else "in the standard library"
+            raise ConfigError(f"{ALLOW_KEY}: {name!r} is {where}; list your own packages only")
+    return names
+
+
+def locate(target: str, allowed: tuple[str, ...] = ()) -> Any:
+    """The object named by a dotted path inside the `ttc` package, or inside one of the `allowed` packages
+    (a run's `allowed_targets`)."""
+    if not isinstance(target, str) or not (target.startswith(ALLOWED_PREFIX) or
+                                           any(target.startswith(f"{name}.") for name in allowed)):
+        extra = f" or the run's {ALLOW_KEY} {list(allowed)}" if allowed else \
+            f" (to build your own classes, list their package in the run config's {ALLOW_KEY})"
+        raise ConfigError(f"_target_ must name something inside the ttc package ({ALLOWED_PREFIX}...){extra}, "
+                          f"got {target!r}")
     parts = target.split(".")
     for cut in range(len(parts) - 1, 0, -1):  # the longest importable module prefix, then attributes
         module_name = ".".join(parts[:cut])
@@ -81,15 +110,16 @@ def missing_keys(node: Any, prefix: str) -> list[str]:
     return [prefix] if node == MISSING else []
 
 
-def instantiate(node: Any, name: str = "config", **inject) -> Any:
-    """Build `node` (a dict with `_target_`, possibly nested) and return the object; None for no
-    target. `inject`: objects passed to every target that accepts a parameter of that name."""
+def instantiate(node: Any, name: str = "config", allowed: tuple[str, ...] = (), **inject) -> Any:
+    """Build `node` (a dict with `_target_`, possibly nested, lists of nodes too: a pipeline's layers) and
+    return the object; None for no target. `allowed`: packages outside ttc its targets may name (a run's
+    `allowed_targets`). `inject`: objects passed to every target that accepts a parameter of that name."""
     if isinstance(node, list):
-        return [instantiate(v, f"{name}[{i}]", **inject) for i, v in enumerate(node)]
+        return [instantiate(v, f"{name}[{i}]", allowed, **inject) for i, v in enumerate(node)]
     if not isinstance(node, dict):
         return node
     if "_target_" not in node:
-        return {k: instantiate(v, f"{name}.{k}", **inject) for k, v in node.items()}
+        return {k: instantiate(v, f"{name}.{k}", allowed, **inject) for k, v in node.items()}
     missing = missing_keys(node, name)
     if missing:
         raise ConfigError(f"set {', '.join(missing)} (a mandatory value, marked ??? in its config)")
@@ -97,8 +127,8 @@ def instantiate(node: Any, name: str = "config", **inject) -> Any:
     target = kwargs.pop("_target_")
     if target is None:
         return None
-    obj = locate(target)
-    kwargs = {k: instantiate(v, f"{name}.{k}", **inject) for k, v in kwargs.items()}
+    obj = locate(target, allowed)
+    kwargs = {k: instantiate(v, f"{name}.{k}", allowed, **inject) for k, v in kwargs.items()}
     for key, value in inject.items():
         if key not in kwargs and accepts(obj, key):
             kwargs[key] = value
@@ -189,7 +219,8 @@ def build_verifier(cfg: dict, model, names: dict):
     node = dict(cfg.get("verifier") or {})
     if node.get("_target_") is None:
         return None
-    cls = locate(node["_target_"])
+    allowed = allowed_targets(cfg)
+    cls = locate(node["_target_"], allowed)
     try:
         if hasattr(cls, "fit") and "path" in node:
             # the learned probe reads the policy's hidden states: say so before training it, not after
@@ -199,7 +230,7 @@ def build_verifier(cfg: dict, model, names: dict):
                 from ttc.evals.probe_training import ensure_probe
 
                 node["path"] = str(ensure_probe(cfg, model, names, path=None if path in (None, MISSING) else path))
-        return instantiate(node, "verifier", model=model)
+        return instantiate(node, "verifier", allowed, model=model)
     except MissingCapability as e:  # a verifier the backend cannot serve: a config error, in one line
         raise ConfigError(str(e)) from None
 
@@ -218,6 +249,14 @@ def _share_verifier_engine(verifier, engine) -> None:
     own = getattr(verifier, "engine", None)
     if own is not None and own is not engine and not isinstance(own, ConcurrentEngine):
         verifier.engine = ConcurrentEngine(own)
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+def build_strategy(cfg: dict, model=None):
+    """The strategy (with its nested nodes: a pipeline's layers, a selector), the policy model injected where
+    a target takes one, targets outside ttc allowed by the run's `allowed_targets`."""
+    return instantiate(cfg["strategy"], "strategy", allowed_targets(cfg), model=model)
 
 
 # --- allocation -------------------------------------------------------------------------------
@@ -308,7 +347,7 @@ def build_run(cfg: dict, dataset: Dataset, done: dict, names: dict, shard=None) 
         engine = model  # a server batches the threads' requests itself; a failure or Ctrl-C cancels the backend
         model.reopen()  # one kept from an earlier job of this process, cancelled there, takes requests again
     make_proposer = proposer_factory(cfg["proposer"], model, int(cfg.get("seed", 0)), dataset.extract)
-    strategy = instantiate(cfg["strategy"], "strategy", model=model)
+    strategy = build_strategy(cfg, model)
     verifier = build_verifier(cfg, model, names)  # may train a probe first
     if engine is not None and verifier is not None:
         _share_verifier_engine(verifier, engine)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ttc.graph import Branch, Meter, Problem
 from ttc.result import Result, Tree
-from ttc.search.common import bind_verifier, finish, score_or_zero, verifier_cost
+from ttc.search.common import bind_verifier, finish, sample_solutions, score_or_zero, verifier_cost
 from ttc.verifiers.vote import vote
 
 
@@ -51,10 +51,7 @@ class BestOfN:
         tree = Tree()
         verifier = bind_verifier(verifier, problem, proposer, meter)
         meter.verifier_cost = verifier_cost(verifier)
-        root = proposer.start(problem, meter)
-        tree.add(root, status="root")
-        samples = proposer.propose([root], self.n, meter, to_end=True)
-        proposer.release([root])
+        samples = sample_solutions(problem, proposer, meter, tree, self.n)
         try:
             return score_and_choose("best_of_n", problem, proposer, verifier, meter, tree, samples, self.weighted)
         finally:

@@ -22,6 +22,17 @@ def bind_verifier(verifier: Verifier | None, problem: Problem, proposer, meter: 
     return verifier if bind is None else bind(problem, proposer, meter)
 
 
+def sample_solutions(problem: Problem, proposer, meter: Meter, tree: Tree, n: int) -> list[Branch]:
+    """n whole solutions from the problem's root (prefilled once, its KV shared by all n), the root recorded
+    in the tree and released; the caller releases the samples. best_of_n, self_consistency and rpc start so."""
+    root = proposer.start(problem, meter)
+    tree.add(root, status="root")
+    try:
+        return proposer.propose([root], n, meter, to_end=True)
+    finally:
+        proposer.release([root])
+
+
 def score_or_zero(verifier: Verifier | None, branches: list[Branch], meter: Meter) -> list[float]:
     if verifier is None or not branches:
         return [0.0] * len(branches)

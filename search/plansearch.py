@@ -74,7 +74,7 @@ class PlanSearch:
         for i, ((template, fields), count) in enumerate(zip(prompts, counts)):
             if count < 1:
                 continue
-            derived = Problem(id=f"{problem.id}#{stage}{i}", prompt=_derive(problem.prompt, template, fields))
+            derived = Problem(id=f"{problem.id}#{stage}{i}", prompt=derive_prompt(problem.prompt, template, fields))
             try:
                 root = proposer.start(derived, meter)
             except CannotAttempt:
@@ -98,7 +98,7 @@ def _spread(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(max(1, parts))]
 
 
-def _derive(prompt, template: str, fields: dict):
+def derive_prompt(prompt, template: str, fields: dict):
     """The prompt with its (last) user message rewritten by `template`, whose {task} is that message."""
     if isinstance(prompt, str):
         return template.format(task=prompt, **fields)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ttc.graph import Branch, Meter, Problem
 from ttc.result import Result, Tree
-from ttc.search.common import finish
+from ttc.search.common import finish, sample_solutions
 from ttc.verifiers.vote import vote
 
 
@@ -30,10 +30,7 @@ class SelfConsistency:
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         """The verifier is not used: the vote is the selector."""
         tree = Tree()
-        root = proposer.start(problem, meter)
-        tree.add(root, status="root")
-        samples = proposer.propose([root], self.n, meter, to_end=True)
-        proposer.release([root])
+        samples = sample_solutions(problem, proposer, meter, tree, self.n)
         try:
             answers = [proposer.answer(b) for b in samples]
             for b in samples:

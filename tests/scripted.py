@@ -7,6 +7,11 @@ included) takes the step "[k]". Solutions are `depth` steps long (one step with 
 solution's answer is "7" when every step is [1] (the path the verifier likes), "5" when its first step
 is [3], and "3" otherwise. The verifier scores a branch 1.0 when every step so far is [1], else 0.1. So
 with 4 samples self-consistency votes "3" (children 0 and 2) and every verifier-guided strategy finds "7".
+
+`ConfidentProposer` is the same script on a backend that records token confidences and stops samples on them
+(TOKEN_CONFIDENCE, EARLY_STOP): a step [1] is sure of its tokens (confidence 3.0 each, logprob -0.05 a token),
+any other step less and less so (CONFIDENCES_UNSURE, logprob -1.0 a token). So the model's own signals favour
+"7" too: strategies that select by them (deepconf, rpc) find it without a verifier.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
-from ttc.graph import Branch, Meter, Problem, Step
+from ttc.graph import EARLY_STOP, TOKEN_CONFIDENCE, Branch, Meter, Problem, Step
 
 STEP_TOKENS = 5  # generated tokens charged per step
 PROMPT_TOKENS = 10  # prefill tokens charged per root
+CONFIDENCES_SURE = (3.0,) * STEP_TOKENS  # a step [1]'s token confidences
+CONFIDENCES_UNSURE = (2.0, 1.5, 1.0, 0.5, 0.5)  # any other step's
 
 
 class Handle:
@@ -123,3 +130,43 @@ class PathVerifier:
     def score(self, branches, meter):
         self.scored += len(branches)
         return [1.0 if all(s.text == "[1]" for s in b.steps) else 0.1 for b in branches]
+
+
+class ConfidentBackend(ScriptedBackend):
+    kind = "scripted, with token confidences"
+    capabilities = frozenset({TOKEN_CONFIDENCE, EARLY_STOP})
+
+
+class ConfidentProposer(ScriptedProposer):
+    """The script with token confidences on every step and propose's `stop_when`: a stopped step holds the
+    tokens up to the one whose window fell below the threshold (only those are charged), finish_reason
+    "stopped", and its handle is released at once, as the engine releases a stopped sample's KV."""
+
+    def __init__(self, depth: int = 2):
+        super().__init__(depth)
+        self.backend = ConfidentBackend()
+        self._stop_when = None
+
+    def propose(self, branches, n, meter, to_end=False, stop_when=None):
+        self._stop_when = stop_when
+        try:
+            return super().propose(branches, n, meter, to_end)
+        finally:
+            self._stop_when = None
+
+    def _step(self, parent: Branch, handle: Handle, k: int, meter: Meter, to_end: bool) -> Branch:
+        sure = k == 1
+        confidences = CONFIDENCES_SURE if sure else CONFIDENCES_UNSURE
+        per_token = -0.05 if sure else -1.0
+        rule = self._stop_when
+        cut = next((t for t in range(1, STEP_TOKENS + 1) if rule is not None and rule.stops(confidences[:t])), None)
+        if cut is not None:
+            meter.ledger.charge_generated(cut)
+            handle.released = True
+            step = Step(f"[{k}]", tuple(range(cut)), per_token * cut, "stopped", confidences[:cut])
+            return parent.child(handle, step, seed=k, finished=True)
+        meter.ledger.charge_generated(STEP_TOKENS)
+        finished = to_end or parent.depth + 1 >= self.depth
+        step = Step(f"[{k}]", tuple(range(STEP_TOKENS)), per_token * STEP_TOKENS, "eos" if finished else "step",
+                    confidences)
+        return parent.child(handle, step, seed=k, finished=finished)

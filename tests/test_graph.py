@@ -91,7 +91,7 @@ def test_result_is_plain_data_and_renders_as_html(tiny_model):
     json.dumps(res.as_record())
     json.dumps(res.tree)
     page = res._repr_html_()
-    assert "self_consistency" in page and "tokens computed" in page and "<ul>" in page
+    assert "self_consistency" in page and "tokens computed" in page and "<svg" in page
 
 
 def test_proposer_shares_leave_room_for_the_verifier(tiny_model):

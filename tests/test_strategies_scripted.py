@@ -18,7 +18,9 @@ from ttc.search.best_of_n import BestOfN
 from ttc.search.dvts import DVTS
 from ttc.search.ets import ETS, ETSSelector
 from ttc.search.greedy import GreedyDecoding
+from ttc.search.mcts import MCTS
 from ttc.search.particle_filter import ParticleFilter
+from ttc.search.rebase import Rebase
 from ttc.search.self_consistency import SelfConsistency
 
 PROBLEM = Problem(id="p0", prompt="scripted")
@@ -33,6 +35,9 @@ CASES = {
     "dvts": (DVTS(n=4, subtrees=2, expand=2, max_depth=3), True, "7"),
     "astar": (AStar(n=2, max_expansions=8), True, "7"),
     "ets": (ETS(n=2, expand=2, max_depth=3, selector=ETSSelector(lambda_coverage=0.0)), True, "7"),
+    "mcts": (MCTS(n=2, simulations=4, max_depth=3), True, "7"),
+    "mcts_rollout": (MCTS(n=2, simulations=4, max_depth=3, value="rollout"), True, "7"),
+    "rebase": (Rebase(n=4, max_depth=3), True, "7"),
     "particle_filter": (ParticleFilter(n=4, max_steps=3), True, "7"),
     # Particle Gibbs answers from its last sweep, whose reference is drawn by weight: its answer is the
     # resampling stream's, checked below by what the sweep conditioned on

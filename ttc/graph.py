@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ttc.budget import Budget, Ledger
 from ttc.decoder.sampling import child_seed
+from ttc.decoder.sequence import ConfidenceStop  # propose's stop_when (EARLY_STOP): plain data, re-exported here
 
 _ids = itertools.count(1)
 
@@ -49,7 +50,12 @@ class Step:
     text: str
     token_ids: tuple[int, ...]
     logprob: float  # sum of the step's token logprobs
-    finish_reason: str  # "step" (stop pattern), "eos" (the solution ended) or "length"
+    # "step" (stop pattern), "eos" (the solution ended), "length", or "stopped" (a stop_when rule ended it
+    # mid-generation: not a solution, and its KV is already released)
+    finish_reason: str
+    # each token's confidence (DeepConf's: minus the mean of the top-k logprobs where it was drawn), recorded
+    # by a backend with TOKEN_CONFIDENCE; () elsewhere
+    confidences: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,6 +85,11 @@ class Branch:
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.steps)
+
+    @property
+    def confidences(self) -> tuple[float, ...]:
+        """Every generated token's confidence, first step first (() where the backend records none)."""
+        return tuple(c for s in self.steps for c in s.confidences)
 
     def child(self, handle, step: Step, seed: int, finished: bool) -> "Branch":
         return Branch(handle=handle, steps=self.steps + (step,), parent=self, scores=self.scores,
@@ -159,9 +170,14 @@ class Proposer(Protocol):
     def start(self, problem: Problem, meter: Meter) -> Branch:
         """The root branch: the problem's prompt, prefilled (or found in the prefix cache)."""
 
-    def propose(self, branches: list[Branch], n: int, meter: Meter, to_end: bool = False) -> list[Branch]:
+    def propose(self, branches: list[Branch], n: int, meter: Meter, to_end: bool = False,
+                stop_when: ConfidenceStop | None = None) -> list[Branch]:
         """Extend: n children per unfinished branch, each one step longer (with to_end: finished), all in
-        one batched decode. Children a budget cannot pay for are not returned."""
+        one batched decode. Children a budget cannot pay for are not returned.
+
+        stop_when (only on a backend with EARLY_STOP): a child whose last `window` token confidences average
+        below the threshold is stopped inside the decode; it comes back finished, its step's finish_reason
+        "stopped", its KV already released (release() on it is a no-op)."""
 
     def complete(self, branches: list[Branch], meter: Meter) -> list[Branch]:
         """Extend each unfinished branch in place (no fork) to the end of its solution."""
@@ -185,9 +201,12 @@ class Proposer(Protocol):
 LOGPROBS = "logprobs"  # logprobs of given continuation tokens, and the next-token distribution after them
 HIDDEN_STATES = "hidden_states"  # final hidden states at the tokens of a continuation / a branch's latest step
 SHARED_KV = "shared_kv"  # fork shares KV blocks (resampling and scratch forks cost no recomputation)
+TOKEN_CONFIDENCE = "token_confidence"  # every generated Step carries its tokens' confidences (Step.confidences)
+EARLY_STOP = "early_stop"  # propose(..., stop_when=ConfidenceStop) stops a sample mid-generation and frees its KV
 
 CAPABILITY_WORDS = {LOGPROBS: "logprobs of a continuation", HIDDEN_STATES: "hidden states",
-                    SHARED_KV: "shared KV"}
+                    SHARED_KV: "shared KV", TOKEN_CONFIDENCE: "per-token confidences of its samples",
+                    EARLY_STOP: "stopping a sample mid-generation"}
 
 
 class MissingCapability(RuntimeError):
@@ -208,7 +227,7 @@ class Backend(Protocol):
     """A model a proposer runs on: the built-in engine (ttc.backends.local) or a server.
 
     name: the model's name; tokenizer: ttc's Tokenizer (encode, decode, encode_prompt, hf);
-    capabilities: which of LOGPROBS, HIDDEN_STATES, SHARED_KV it has."""
+    capabilities: which of LOGPROBS, HIDDEN_STATES, SHARED_KV, TOKEN_CONFIDENCE, EARLY_STOP it has."""
 
     name: str
     capabilities: frozenset

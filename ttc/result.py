@@ -1,6 +1,7 @@
 """What a search returns: the answer, the ledger, and the tree (or particle history) as plain data.
 
-`Result` renders in Jupyter as the search tree with scores and a budget meter (`_repr_html_`).
+`Result` renders in Jupyter as the search tree (an SVG, `ttc.tree_view`) with scores and a budget meter
+(`_repr_html_`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ttc.budget import Ledger
 from ttc.graph import Branch
+from ttc.tree_view import tree_svg
 
 
 class Tree:
@@ -65,20 +67,6 @@ class Result:
                  f"height:12px;background:#4a7'></div></div>"
                  f"<small>{spent} of {cap if cap else '∞'} tokens computed, {self.ledger.reused_tokens} reused, "
                  f"{self.ledger.forward_passes} forward passes</small>")
-        children: dict[int | None, list[dict]] = {}
-        for node in self.tree.get("nodes", []):
-            children.setdefault(node["parent"], []).append(node)
-
-        def render(parent) -> str:
-            items = []
-            for node in children.get(parent, []):
-                colour = {"pruned": "#b55", "final": "#275", "kept": "#248", "chosen": "#0a0"}.get(node["status"], "#555")
-                score = "" if node["score"] is None else f" <b>{node['score']:.3f}</b>"
-                text = html.escape(node["text"].strip()[:120])
-                items.append(f"<li><span style='color:{colour}'>[{node['status']}]</span>{score} {text}"
-                             f"{render(node['id'])}</li>")
-            return f"<ul>{''.join(items)}</ul>" if items else ""
-
         history = ""
         if self.tree.get("kind") == "particles" and self.tree.get("history"):
             rows = "".join(f"<tr><td>{h.get('step')}</td><td>{h.get('ess', float('nan')):.2f}</td>"
@@ -86,4 +74,4 @@ class Result:
                            for h in self.tree["history"])
             history = f"<table><tr><th>step</th><th>ESS</th><th>weights</th></tr>{rows}</table>"
         return (f"<div><b>{html.escape(self.strategy)}</b> on {html.escape(str(self.problem_id))}: answer "
-                f"<code>{html.escape(str(self.answer))}</code>{meter}{history}{render(None)}</div>")
+                f"<code>{html.escape(str(self.answer))}</code>{meter}{history}{tree_svg(self.tree)}</div>")

@@ -150,12 +150,13 @@ def _judge(main_module, program_code, case_codes, pristine_builtins, phase, wind
     harness_globals, builtins_dict, tests_phase, n_codes = globals(), builtins.__dict__, TESTS_PHASE, len(CASE_CODES)
     main_ident = get_ident()
 
-    done, go = allocate_lock(), allocate_lock()
+    done, go, started = allocate_lock(), allocate_lock(), allocate_lock()
     done.acquire()
     go.acquire()
+    started.acquire()
     status, tests_box = [None, None], [None, None]
     args = (exec, program_code, main_module, done, go, status, tests_box, _handoff, _park, AssertionError,
-            MemoryError, BaseException, dict)
+            MemoryError, BaseException, dict, started)
     arg_names = worker_code.co_varnames[:worker_code.co_argcount]
 
     def worker_top():
@@ -179,6 +180,9 @@ def _judge(main_module, program_code, case_codes, pristine_builtins, phase, wind
         return frame is not None and frame.f_code is code and frame.f_back is caller
 
     start_thread(worker, args)
+    # _thread._count() counts a thread only once it runs, so until then "no thread left" would read as "the
+    # worker ended": an error verdict for a program that never ran (5% of runs on a busy machine). Wait for it.
+    started.acquire()
     handed_over, delay = None, 0.05
     while True:
         # The worker releases `done` at its handoff, its park and its end; the main thread polls too,
@@ -223,9 +227,10 @@ def _judge(main_module, program_code, case_codes, pristine_builtins, phase, wind
 
 
 def _worker(exec_, program_code, main_module, done, go, status, tests_box, handoff, park, assertion_error,
-            memory_error, base_exception, dict_):
+            memory_error, base_exception, dict_, started):
     """The program, then each test case in its own copy of the program's namespace. Uses only its
     arguments (no global or builtin name), which the main thread checks are its own."""
+    started.release()
     ns = main_module.__dict__
     try:
         exec_(program_code, ns)

@@ -15,20 +15,29 @@ from dataclasses import replace
 from typing import Sequence
 
 from ttc.backends.steps import StepProposer
-from ttc.graph import (HIDDEN_STATES, LOGPROBS, SHARED_KV, AnswerFn, Branch, ContinuationScore, Meter, Problem, Step,
-                       backend_of, problem_seed)
+from ttc.decoder.concurrent import ConcurrentEngine
+from ttc.decoder.engine import Engine
+from ttc.graph import (EARLY_STOP, HIDDEN_STATES, LOGPROBS, SHARED_KV, TOKEN_CONFIDENCE, AnswerFn, Branch,
+                       ConfidenceStop, ContinuationScore, Meter, Problem, Step, backend_of, problem_seed)
 
 __all__ = ["LocalBackend", "LocalProposer", "SharedModel", "problem_seed"]
 
 
 class LocalBackend:
-    """The capabilities of a model on ttc's own engine: every one of them (logprobs, hidden states, shared KV)."""
+    """The capabilities of a model on ttc's own engine: every one of them (logprobs, hidden states, shared KV, token
+    confidences recorded at sampling time, and stopping a sample inside the decode).
+
+    The last two come from the decoder's generate loop (an Engine, or a ConcurrentEngine over one); an engine
+    wrapper with a generate of its own (ttc serve's per-request view, which generates in chunks) passes on
+    neither yet, so a node that needs them fails with the capability's one line there, not half way."""
 
     kind = "local"
-    capabilities = frozenset({LOGPROBS, HIDDEN_STATES, SHARED_KV})
 
     def __init__(self, model):
         self.model, self.engine, self.tokenizer = model, model.engine, model.tokenizer
+        own_loop = isinstance(self.engine, (Engine, ConcurrentEngine))
+        self.capabilities = frozenset({LOGPROBS, HIDDEN_STATES, SHARED_KV} |
+                                      ({TOKEN_CONFIDENCE, EARLY_STOP} if own_loop else set()))
         self.name = model.name
         cfg = model.config
         self.vocab_size, self.hidden_size, self.max_position = cfg.vocab_size, cfg.hidden_size, cfg.max_position
@@ -110,8 +119,10 @@ class LocalProposer(StepProposer):
         cap = share if step_cap is None else min(step_cap, share)
         return [max(0, min(cap, self.max_tokens - b.num_tokens)) for b in branches for _ in range(per_branch)]
 
-    def propose(self, branches: list[Branch], n: int, meter: Meter, to_end: bool = False) -> list[Branch]:
-        """n children of every unfinished branch, each one step longer (or finished, with to_end)."""
+    def propose(self, branches: list[Branch], n: int, meter: Meter, to_end: bool = False,
+                stop_when: ConfidenceStop | None = None) -> list[Branch]:
+        """n children of every unfinished branch, each one step longer (or finished, with to_end); with
+        `stop_when`, a child is stopped inside the decode (finish_reason "stopped", KV released then)."""
         live = [b for b in branches if not b.finished]
         limits = self._limits(live, n, meter, None if to_end else self.max_step_tokens)
         if not live or n < 1 or max(limits, default=0) < 1:
@@ -124,7 +135,7 @@ class LocalProposer(StepProposer):
             handles.extend(self.engine.fork(b.handle, n, seeds=s, ledger=meter.ledger))
             seeds.extend(s)
             parents.extend([b] * n)
-        return self._extend(parents, handles, seeds, limits, to_end)
+        return self._extend(parents, handles, seeds, limits, to_end, stop_when)
 
     def complete(self, branches: list[Branch], meter: Meter) -> list[Branch]:
         """Extend each unfinished branch (in place, no fork) to the end of its solution."""
@@ -135,19 +146,21 @@ class LocalProposer(StepProposer):
         done = iter(self._extend(live, [b.handle for b in live], [b.seed for b in live], limits, True))
         return [next(done) if not b.finished else b for b in branches]
 
-    def _extend(self, parents, handles, seeds, limits, to_end: bool) -> list[Branch]:
+    def _extend(self, parents, handles, seeds, limits, to_end: bool, stop_when: ConfidenceStop | None = None):
         keep = [i for i, m in enumerate(limits) if m > 0]
         if len(keep) < len(handles):  # children the budget cannot extend are dropped at once
             self.engine.release([h for h, m in zip(handles, limits) if m <= 0])
             parents, handles, seeds, limits = ([x[i] for i in keep] for x in (parents, handles, seeds, limits))
-        outs = self.engine.generate(handles, self.params, limits, stop=None if to_end else list(self.step_stop))
+        stop = None if to_end else list(self.step_stop)
+        extra = {} if stop_when is None else {"stop_when": stop_when}  # engine wrappers without it (see LocalBackend)
+        outs = self.engine.generate(handles, self.params, limits, stop=stop, **extra)
         children = []
         for parent, h, seed, out, limit in zip(parents, handles, seeds, outs, limits):
             text = out.text + (out.stop or "")
-            reason = {"stop": "step", "eos": "eos"}.get(out.finish_reason, "length")
-            step = Step(text, out.token_ids, sum(out.logprobs), reason)
+            reason = {"stop": "step", "eos": "eos", "stopped": "stopped"}.get(out.finish_reason, "length")
+            step = Step(text, out.token_ids, sum(out.logprobs), reason, out.confidences)
             total = parent.num_tokens + len(out.token_ids)
-            finished = reason == "eos" or total >= self.max_tokens or (to_end and reason == "length") or \
+            finished = reason in ("eos", "stopped") or total >= self.max_tokens or (to_end and reason == "length") or \
                 len(h.token_ids) >= self.model.config.max_position
             children.append(parent.child(h, step, seed, finished))
         return children

@@ -40,7 +40,7 @@ from ttc.decoder.engine import PromptTooLong
 from ttc.decoder.sampling import SamplingParams
 from ttc.decoder.tokenizer import Tokenizer, load_tokenizer
 from ttc.decoder.weights import ModelNotFoundError, ModelSource, resolve
-from ttc.graph import LOGPROBS, Branch, ContinuationScore, Meter, MissingCapability
+from ttc.graph import LOGPROBS, TOKEN_CONFIDENCE, Branch, ContinuationScore, Meter, MissingCapability
 
 __all__ = ["RemoteBackend", "RemoteProposer", "RemoteHandle", "ServerFeatures", "RemoteError", "model_files"]
 
@@ -79,11 +79,13 @@ def model_files(spec: str) -> tuple[Tokenizer, ModelConfig | None]:
 
 class RemoteBackend:
     """A model behind an OpenAI-compatible server. `capabilities` = {LOGPROBS} (none without a
-    `features.prompt_logprobs`); `features` says what the server accepts (remote_wire.ServerFeatures).
+    `features.prompt_logprobs`), plus TOKEN_CONFIDENCE with a `features.confidence_k`; `features` says what
+    the server accepts (remote_wire.ServerFeatures).
 
     What a remote run cannot do that a local one can:
     - no hidden states (`verifier=probe`, ETS with coverage) and no shared KV: each request sends the
       branch's whole context, and the server's prefix cache, if any, decides what is computed again;
+    - no EARLY_STOP: a sample cannot be stopped mid-generation on its confidence (`strategy=deepconf`);
     - a verifier's next-token distribution is the server's top-`top_logprobs`: other tokens are -inf;
     - `forward_passes` counts request rounds (one per propose, complete or score call), not model
       forwards; `flops` is estimated from the model config (0 without one); `peak_kv_bytes` stays 0;
@@ -102,7 +104,8 @@ class RemoteBackend:
         self.base_url, self.name = base_url.rstrip("/"), name
         self.features = features if isinstance(features, ServerFeatures) else ServerFeatures(**(features or {}))
         self.tokenizer, self.config = model_files(tokenizer)
-        self.capabilities = frozenset({LOGPROBS}) if self.features.prompt_logprobs else frozenset()
+        self.capabilities = frozenset({LOGPROBS} if self.features.prompt_logprobs else ()) | \
+            frozenset({TOKEN_CONFIDENCE} if self.features.confidence_k else ())
         self.vocab_size = self.config.vocab_size if self.config else len(self.tokenizer.hf)
         self.max_position = self.config.max_position if self.config else None
         self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.config.eos_token_ids if self.config else ())
@@ -172,8 +175,8 @@ class RemoteBackend:
         responses = self.client.post_all("completions", bodies)
         out = []
         for (ids, _, n, *_), response in zip(requests, responses):
-            samples = [parse_sample(c, stop, self.eos_ids, self.eos_id, self._encode, self.base_url)
-                       for c in choices(response, n, self.base_url)]
+            samples = [parse_sample(c, stop, self.eos_ids, self.eos_id, self._encode, self.base_url,
+                                    self.features.confidence_k) for c in choices(response, n, self.base_url)]
             if any(s.retokenized for s in samples):
                 self._note_tokens(RETOKENIZED)
             self.charge(meter.ledger, response, len(ids), sum(len(s.token_ids) for s in samples))

@@ -14,7 +14,8 @@ from dataclasses import replace
 from ttc.backends.remote_wire import RemoteHandle, Sample, sample_body
 from ttc.backends.steps import StepProposer
 from ttc.decoder.sampling import child_seed
-from ttc.graph import AnswerFn, Branch, Meter, Problem, Step, backend_of, problem_seed
+from ttc.graph import (EARLY_STOP, AnswerFn, Branch, ConfidenceStop, Meter, Problem, Step, backend_of, problem_seed,
+                       require)
 
 __all__ = ["RemoteProposer"]
 
@@ -76,8 +77,12 @@ class RemoteProposer(StepProposer):
         return [max(0, min(cap, self.max_tokens - b.num_tokens, room - len(b.handle.token_ids)))
                 for b in branches for _ in range(per_branch)]
 
-    def propose(self, branches: list[Branch], n: int, meter: Meter, to_end: bool = False) -> list[Branch]:
-        """n children of every unfinished branch, each one step longer (or finished, with to_end)."""
+    def propose(self, branches: list[Branch], n: int, meter: Meter, to_end: bool = False,
+                stop_when: ConfidenceStop | None = None) -> list[Branch]:
+        """n children of every unfinished branch, each one step longer (or finished, with to_end). A server
+        cannot stop a sample on its confidence: `stop_when` fails with one line (no EARLY_STOP)."""
+        if stop_when is not None:
+            require(self.backend, EARLY_STOP, "propose(stop_when=...)")
         live = [b for b in branches if not b.finished]
         limits = self._limits(live, n, meter, None if to_end else self.max_step_tokens)
         if not live or n < 1 or max(limits, default=0) < 1:
@@ -147,7 +152,7 @@ class RemoteProposer(StepProposer):
         text = self.backend.tokenizer.decode(ids[:-1] if sample.reason == "eos" else ids)
         if sample.stop is not None and sample.stop in text:
             text = text[: text.find(sample.stop)] + sample.stop
-        step = Step(text, tuple(ids), sum(sample.logprobs), sample.reason)
+        step = Step(text, tuple(ids), sum(sample.logprobs), sample.reason, sample.confidences)
         context = parent.handle.token_ids
         handle = RemoteHandle(context + tuple(ids), stream, draws + (len(ids) if self.params.temperature > 0 else 0),
                               sent=len(context))

@@ -19,7 +19,7 @@ from ttc.backends.remote_http import RemoteError
 from ttc.decoder.sampling import SamplingParams
 
 __all__ = ["ServerFeatures", "RemoteHandle", "Sample", "Usage", "sample_body", "score_body", "parse_sample",
-           "parse_continuation", "parse_usage", "token_ids_of"]
+           "parse_continuation", "parse_usage", "token_ids_of", "top_confidences"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class ServerFeatures:
     skip_draws: the server takes `ttc_skip_draws` (`ttc serve`'s extension: a sample's random stream skips
         that many draws first), so completing a branch that has sampled already continues its own stream
         exactly; the handshake turns it on for a server whose /models says `owned_by: ttc`.
+    confidence_k: ask for the top-k logprobs of every sampled token and record its confidence (DeepConf's:
+        minus the mean of the k largest), the TOKEN_CONFIDENCE capability; 0 (the default): not asked, since
+        `ttc serve` replays a sample to find its alternatives. The engine's own k is 20 (vLLM's default cap).
     """
 
     token_ids: bool = True
@@ -52,12 +55,15 @@ class ServerFeatures:
     top_logprobs: int = 20
     cache_block: int = 16
     skip_draws: bool = False
+    confidence_k: int = 0
 
     def __post_init__(self):
         if self.prompt_logprobs not in ("echo", "prompt_logprobs", None):
             raise ValueError(f"features.prompt_logprobs is echo, prompt_logprobs or null, not {self.prompt_logprobs!r}")
         if self.top_logprobs < 1 or self.cache_block < 1:
             raise ValueError("features.top_logprobs and features.cache_block must be at least 1")
+        if self.confidence_k < 0:
+            raise ValueError("features.confidence_k is a number of top logprobs, 0 to ask for none")
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class Sample:
     reason: str  # "step" (a stop string), "eos" or "length"
     stop: str | None  # the stop string that ended it
     retokenized: bool  # the server gave no token ids: they are its text, encoded here
+    confidences: tuple[float, ...] = ()  # each token's confidence, with features.confidence_k; () without
 
 
 @dataclass(frozen=True)
@@ -104,9 +111,10 @@ def _prompt(features: ServerFeatures, ids: Sequence[int], decode: Callable) -> d
 def sample_body(features: ServerFeatures, model: str, ids: Sequence[int], decode: Callable, max_tokens: int,
                 params: SamplingParams, stop: Sequence[str], seed: int | None, n: int = 1, skip_draws: int = 0) -> dict:
     """A step (or to-the-end) request: the exact sampled token ids and their logprobs come back. `logprobs: 0`
-    asks for each sampled token's own logprob and no alternatives (which `ttc serve` would replay to find)."""
+    asks for each sampled token's own logprob and no alternatives (which `ttc serve` would replay to find);
+    `logprobs: k` with features.confidence_k, for the tokens' confidences."""
     body = {"model": model, **_prompt(features, ids, decode), "max_tokens": max_tokens, "n": n,
-            "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0}
+            "temperature": params.temperature, "top_p": params.top_p, "logprobs": features.confidence_k}
     if stop:
         body["stop"] = list(stop)
     if features.seeds and seed is not None:
@@ -167,10 +175,11 @@ def choices(response: dict, count: int, where: str) -> list[dict]:
 
 
 def parse_sample(choice: dict, stop: Sequence[str], eos_ids: frozenset, eos_id: int | None,
-                 encode: Callable[[str], list[int]], where: str) -> Sample:
+                 encode: Callable[[str], list[int]], where: str, confidence_k: int = 0) -> Sample:
     """A choice as the local engine would report it: its token ids (EOS kept), their logprobs, and why it
     ended. Token ids come from the server's `token_ids` or its "token_id:N" logprob tokens; where it gives
-    neither, its text (with the stop string, if the server cut it) is encoded again."""
+    neither, its text (with the stop string, if the server cut it) is encoded again. With `confidence_k`, each
+    token's confidence from its `top_logprobs`."""
     text, finish = choice.get("text") or "", choice.get("finish_reason")
     lp = choice.get("logprobs") or {}
     ids = choice.get("token_ids")
@@ -194,12 +203,30 @@ def parse_sample(choice: dict, stop: Sequence[str], eos_ids: frozenset, eos_id: 
         ids = encode(text + (hit if hit is not None and hit not in text else ""))
     values = [float(v) if v is not None else 0.0 for v in (lp.get("token_logprobs") or [])]
     values = values if len(values) == len(ids) else [0.0] * len(ids)
+    confidences = top_confidences(lp.get("top_logprobs"), len(ids), confidence_k, where) if confidence_k else []
     if reason == "eos" and (not ids or ids[-1] not in eos_ids):  # the server left EOS out; the engine keeps it
         said = choice.get("stop_reason")
         eos = said if isinstance(said, int) and not isinstance(said, bool) else eos_id
         if eos is not None:
             ids, values = list(ids) + [eos], values + [0.0]
-    return Sample(tuple(ids), tuple(values), text, reason, hit, retokenized)
+            # no distribution came for it: it gets its predecessor's confidence (one token of a window)
+            confidences = confidences + confidences[-1:] if confidence_k else []
+    return Sample(tuple(ids), tuple(values), text, reason, hit, retokenized, tuple(confidences))
+
+
+def top_confidences(tops: list | None, count: int, k: int, where: str) -> list[float]:
+    """Each sampled token's confidence from the completions API's `top_logprobs` (one {token: logprob} per
+    token; vLLM adds the sampled token to its top k when it is not among them, so the k largest are taken).
+    -9999.0, OpenAI's -inf, is kept as it came: such a server's confidences are not the engine's."""
+    if not tops or len(tops) != count or any(not t for t in tops):
+        raise RemoteError(f"{where} returned top_logprobs for {sum(1 for t in tops or [] if t)} of {count} sampled "
+                          "tokens; token confidences need every one (model.features.confidence_k): set it to 0 to "
+                          "do without")
+    out = []
+    for top in tops:
+        values = sorted((float(v["logprob"] if isinstance(v, dict) else v) for v in top.values()), reverse=True)[:k]
+        out.append(-sum(values) / len(values))
+    return out
 
 
 def _top_ids(top: dict | None, encode: Callable[[str], list[int]]) -> tuple[list[tuple[int, float]], bool]:

@@ -6,6 +6,11 @@
         batch.step()                                          # one forward + one sampled token per active sequence
     request.completions                                       # one Completion per sequence
 
+Every drawn token's confidence (DeepConf's: minus the mean of the top-k logprobs, `token_confidence`) is
+recorded beside its logprob, from the same logits. A request may carry a `ConfidenceStop`: a sequence whose
+last window of confidences falls below its threshold ends with finish_reason "stopped" and its KV is
+released in that step, so the blocks are free for the rest of the batch at once.
+
 `Engine.generate` is one request in its own batch. `ttc.decoder.concurrent.ConcurrentEngine` keeps one
 batch for several threads, so requests of different problems share each decode step's forward.
 
@@ -20,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import PoolExhausted, blocks_needed
-from .sampling import SamplingParams, sample
-from .sequence import Completion
+from .sampling import SamplingParams, sample, token_confidence
+from .sequence import Completion, ConfidenceStop
 
 
 @dataclass(eq=False)
@@ -36,6 +41,8 @@ class Request:
     tail_tokens: int = 0  # tokens whose text is searched for a stop string (a stop of m chars spans <= m)
     new: list[list[int]] = field(default_factory=list)  # per sequence: sampled token ids
     logprobs: list[list[float]] = field(default_factory=list)
+    confidences: list[list[float]] = field(default_factory=list)  # per sequence: each sampled token's confidence
+    stop_when: ConfidenceStop | None = None
     finish: list[tuple[str, str | None]] = field(default_factory=list)  # per sequence: (reason, stop hit)
     active: list[int] = field(default_factory=list)  # indices of sequences still generating
     completions: list | None = None  # set when done
@@ -68,14 +75,14 @@ class GenerationBatch:
         return total
 
     def request(self, seqs, params: SamplingParams | list[SamplingParams], max_new_tokens: int | list[int],
-                stop=None, ignore_eos: bool = False) -> Request:
+                stop=None, ignore_eos: bool = False, stop_when: ConfidenceStop | None = None) -> Request:
         params = params if isinstance(params, list) else [params] * len(seqs)
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(seqs)
         n = len(seqs)
         stop = [s for s in (stop or []) if s]
         return Request(list(seqs), params, list(limits), stop, ignore_eos, max((len(s) for s in stop), default=0) + 2,
-                       [[] for _ in range(n)], [[] for _ in range(n)], [("length", None)] * n,
-                       [i for i in range(n) if limits[i] > 0])
+                       [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], stop_when,
+                       [("length", None)] * n, [i for i in range(n) if limits[i] > 0])
 
     def fits(self, request: Request) -> bool:
         """Whether the request can be admitted now without risking the pool (worst case)."""
@@ -96,9 +103,10 @@ class GenerationBatch:
         else:
             self.requests.append(request)
 
-    def add(self, seqs, params, max_new_tokens, stop=None, ignore_eos: bool = False) -> Request:
+    def add(self, seqs, params, max_new_tokens, stop=None, ignore_eos: bool = False,
+            stop_when: ConfidenceStop | None = None) -> Request:
         """request + check + admit, for a single caller (Engine.generate)."""
-        request = self.request(seqs, params, max_new_tokens, stop, ignore_eos)
+        request = self.request(seqs, params, max_new_tokens, stop, ignore_eos, stop_when)
         self.check_alone(request)
         self.admit(request)
         return request
@@ -127,13 +135,15 @@ class GenerationBatch:
         batch_params = [r.params[i] for r, i in slots]
         uniforms = [s.rng.uniform() if p.temperature > 0 else 0.0 for s, p in zip(batch, batch_params)]
         tokens, logprobs = sample(logits, batch_params, uniforms)
+        confidences = token_confidence(logits, engine.confidence_k)  # read-only: the draw above is untouched
         still: dict[int, list[int]] = {id(r): [] for r in self.requests}
-        for (r, i), s, t, lp in zip(slots, batch, tokens.tolist(), logprobs.tolist()):
+        for (r, i), s, t, lp, c in zip(slots, batch, tokens.tolist(), logprobs.tolist(), confidences.tolist()):
             s.token_ids.append(t)
             s.logits = None
             s.ledger.charge_generated(1)
             r.new[i].append(t)
             r.logprobs[i].append(lp)
+            r.confidences[i].append(c)
             if not r.ignore_eos and t in engine.eos_ids:
                 r.finish[i] = ("eos", None)
                 continue
@@ -143,6 +153,10 @@ class GenerationBatch:
                 if hit is not None:
                     r.finish[i] = ("stop", hit)
                     continue
+            if r.stop_when is not None and r.stop_when.stops(r.confidences[i]):
+                r.finish[i] = ("stopped", None)
+                engine.release([s])  # its KV goes back to the pool now, not when its caller releases it
+                continue
             if len(r.new[i]) >= r.limits[i] or len(s.token_ids) >= engine.cfg.max_position:
                 continue
             still[id(r)].append(i)
@@ -157,9 +171,9 @@ class GenerationBatch:
 
     def _complete(self, r: Request) -> None:
         out = []
-        for ids, lp, (reason, hit) in zip(r.new, r.logprobs, r.finish):
+        for ids, lp, conf, (reason, hit) in zip(r.new, r.logprobs, r.confidences, r.finish):
             text = self.engine.tokenizer.decode(ids[:-1] if reason == "eos" else ids)  # the EOS token is not text
             if hit is not None:
                 text = text[: text.find(hit)]
-            out.append(Completion(tuple(ids), text, tuple(lp), reason, hit))
+            out.append(Completion(tuple(ids), text, tuple(lp), reason, hit, tuple(conf)))
         r.completions = out

@@ -21,7 +21,7 @@ from .cache import KVPool, KVSequence, PoolExhausted
 from .model import Transformer
 from .prefix import PrefixCache
 from .sampling import BranchRng, SamplingParams, child_seed
-from .sequence import Completion, ScoreResult, Sequence, charge_given
+from .sequence import CONFIDENCE_K, Completion, ConfidenceStop, ScoreResult, Sequence, charge_given
 from .tokenizer import Tokenizer
 
 
@@ -31,8 +31,9 @@ class PromptTooLong(CannotAttempt, ValueError):
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, kv_cache_bytes: int = 2 << 30,
-                 block_size: int = 16, prefix_caching: bool = True):
+                 block_size: int = 16, prefix_caching: bool = True, confidence_k: int = CONFIDENCE_K):
         cfg = model.cfg
+        self.confidence_k = confidence_k  # top-k of each drawn token's confidence (Completion.confidences)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         per_block = cfg.kv_bytes_per_token(model.dtype) * block_size
         num_blocks = max(4, kv_cache_bytes // per_block)
@@ -183,12 +184,13 @@ class Engine:
 
     def generate(self, seqs: list[Sequence], params: SamplingParams | list[SamplingParams],
                  max_new_tokens: int | list[int], stop: list[str] | tuple[str, ...] | None = None,
-                 ignore_eos: bool = False) -> list[Completion]:
-        """Advance every sequence until its own stop string, EOS or token limit; one forward per step.
+                 ignore_eos: bool = False, stop_when: ConfidenceStop | None = None) -> list[Completion]:
+        """Advance every sequence until its own stop string, EOS or token limit (or, with `stop_when`, until its
+        confidence window falls below the threshold: that sequence's KV is released at once); one forward per step.
 
         Raises PoolExhausted before starting if the worst case (every sequence at its limit) cannot fit."""
         batch = GenerationBatch(self)
-        request = batch.add(seqs, params, max_new_tokens, stop, ignore_eos)
+        request = batch.add(seqs, params, max_new_tokens, stop, ignore_eos, stop_when)
         while not request.done:
             batch.step()
         return request.completions

@@ -69,3 +69,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
                           torch.tensor([p.top_k for p in params], dtype=torch.long),
                           torch.tensor([p.top_p for p in params], dtype=f64),
                           torch.tensor([p.min_p for p in params], dtype=f32), torch.tensor(uniforms, dtype=f32))
+
+
+def token_confidence(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """logits (B, V) -> (B,) float32: each row's token confidence as DeepConf defines it (Fu et al., 2025), minus
+    the mean of the k largest logprobs, under the model's own distribution (temperature 1, no filtering, as the
+    reported logprobs). -mean(top_k(logits) - lse) = lse - mean(top_k(logits)): one logsumexp and one top-k
+    over the logits the sampler already has, no (B, V) log-softmax. High when the mass sits on a few tokens."""
+    logits = logits.float()
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).values  # (B, k)
+    return torch.logsumexp(logits, dim=-1) - top.mean(dim=-1)
