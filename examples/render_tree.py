@@ -47,7 +47,7 @@ def main() -> None:
     html = out.with_suffix(".html")
     html.write_text(f"<html><body style='background:#fff'>{result._repr_html_()}</body></html>")
     nodes = len(result.tree["nodes"])
-    shot = screenshot(html, out.with_suffix(".png"), width=1400, height=520)
+    shot = screenshot(html, out.with_suffix(".png"), width=1800, height=420)
     print(f"{nodes} nodes: {html}" + (f" and {out.with_suffix('.png')}" if shot else " (no Chromium: no PNG)"))
 
 

@@ -16,9 +16,9 @@ import html
 
 STATUS_COLOURS = {"root": "#555555", "open": "#8a8a8a", "kept": "#2f5fa8", "pruned": "#c0504d",
                   "final": "#2e8b57", "chosen": "#00a000", "stopped": "#d08a00"}
-COLUMN_PX = 64  # one leaf's column; a label of LABEL_CHARS at 10 px fits in it
+COLUMN_PX = 84  # one leaf's column; a label of LABEL_CHARS at 10 px fits in it
 ROW_PX = 64
-LABEL_CHARS = 11
+LABEL_CHARS = 15
 HALO = "paint-order='stroke' stroke='#fff' stroke-width='3'"  # labels stay legible over edges
 MAX_NODES = 400  # beyond this the SVG is summarised rather than drawn (a page, not a poster)
 
