@@ -47,3 +47,9 @@ class Linear:
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def parts(self):
+        """(function, tensors) with function(x, *tensors) == self.reference(x): a module-level function and plain
+        tensors, so that one torch.compile graph can take any layer's linears as arguments (ttc/decoder/compiled.py).
+        The plain weight, not the packed one: a oneDNN-packed tensor has an opaque layout inductor cannot lower."""
+        return F.linear, (self.weight, self.bias)

@@ -27,6 +27,8 @@ def cpu_has_fast_bf16() -> bool:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
+QUANTIZED = ("int8", "int4")  # weight-only formats (ttc.kernels.quant)
+
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -36,7 +38,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}, {', '.join(QUANTIZED)}")
     return _DTYPES[dtype]
 
 
@@ -102,10 +104,15 @@ class Model:
 
 
 def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache_gb: float = 2.0,
-         block_size: int = 16, prefix_caching: bool = True, device: str = "cpu", threads: int | None = None) -> Model:
+         block_size: int = 16, prefix_caching: bool = True, device: str = "cpu", threads: int | None = None,
+         batch_invariant: bool = False, compile: bool = False) -> Model:
     """Load a model: "smollm2-135m" (the embedded default), a .gguf path, or a Hugging Face folder.
 
-    dtype: "float32" is the reference; "auto" picks bfloat16 where the hardware runs it fast.
+    dtype: "float32" is the reference; "auto" picks bfloat16 where the hardware runs it fast; "int8" and "int4"
+    quantize the layer linears weight-only (activations and KV in bfloat16); int4 of a Q4_1 GGUF (the embedded
+    model) runs the file's own 4-bit blocks.
+    batch_invariant: a sequence's tokens do not depend on what else shares its batch (kernels/invariant.py).
+    compile: torch.compile the work between attention calls (ttc/decoder/compiled.py; eager if unavailable).
     kv_cache_gb sizes the paged KV pool (pages are only touched as they are used).
     """
     if device != "cpu":
@@ -115,8 +122,15 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     source = resolve(spec)
     cfg, state = load_weights(source)
     tokenizer = load_tokenizer(source, extra_eos=cfg.eos_token_ids)
-    model = Transformer(cfg, state, dtype=resolve_dtype(dtype, device))
-    del state
+    weights = dtype if dtype in QUANTIZED else "plain"
+    q4_1 = None
+    if weights == "int4" and source.kind == "gguf":
+        from ttc.decoder.weights import load_gguf_q4_1
+
+        q4_1 = load_gguf_q4_1(source.path)
+    model = Transformer(cfg, state, dtype=torch.bfloat16 if weights != "plain" else resolve_dtype(dtype, device),
+                        weights=weights, q4_1=q4_1, batch_invariant=batch_invariant, compile=compile)
+    del state, q4_1
     engine = Engine(model, tokenizer, kv_cache_bytes=int(kv_cache_gb * (1 << 30)), block_size=block_size,
                     prefix_caching=prefix_caching)
     return Model(engine, source, name=str(spec))

@@ -3,44 +3,83 @@
 No sampling, no I/O, no cache policy: the caller passes the KV pool tensors, the slots where the new
 tokens' K/V go, and an attention plan (decode or prefill) built once per step. Tokens of every
 sequence in a step are flattened into one (T, H) batch, so each weight matmul runs once per step.
+
+Options, each with the plain path as its twin (tests/test_decode_modes.py):
+- `weights`: "int8" / "int4" run the layer linears weight-only quantized (kernels/quant.py; activations
+  and the KV cache stay in `dtype`); int4 takes a GGUF's own Q4_1 blocks when given (`q4_1`).
+- `batch_invariant`: linears and attention whose per-row results do not depend on the batch
+  (kernels/invariant.py), so a sequence's tokens do not depend on what shares its decode steps.
+- `compile`: the work between two attention calls (o-proj, MLP, norms, the next qkv-proj and rotary)
+  runs as one torch.compile'd (inductor) function of the layer's tensors, so one graph serves every
+  layer; attention and the KV writes stay eager. See `ttc/decoder/compiled.py`.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from ttc import kernels
 from ttc.kernels import DecodePlan, PrefillSeq
+from ttc.kernels import invariant
+from ttc.kernels.invariant import InvariantLinear
 from ttc.kernels.linear import Linear
 
 from .config import ModelConfig, rope_inv_freq
 
+log = logging.getLogger(__name__)
+
+WEIGHT_FORMATS = ("plain", "int8", "int4")  # plain: the weights in the model's dtype
+
 
 class Transformer(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 weights: str = "plain", q4_1: dict | None = None, batch_invariant: bool = False,
+                 compile: bool = False):
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+        self.cfg, self.dtype, self.weights, self.batch_invariant = cfg, dtype, weights, batch_invariant
         self.scale = cfg.head_dim ** -0.5
+        q4_1 = q4_1 or {}
 
         def w(name):
             return state[name].to(dtype).contiguous()
 
+        def linear(name, bias_name=None):
+            bias = w(bias_name) if bias_name in state else None
+            if weights == "plain":
+                lin = Linear(w(name), bias)
+            else:  # quantized from the float32 weights (or the GGUF's own blocks), not from their dtype copy
+                from ttc.kernels.quant import quantize_linear
+
+                lin = quantize_linear(state[name], bias, weights, q4_1.get(name))
+            return InvariantLinear(lin, state[name].shape[1], dtype) if batch_invariant else lin
+
         self.embed = w("embed")  # (V, H)
-        # tied embeddings share the plain weight; a packed head (if any) is the only extra copy
-        self.lm_head = Linear(self.embed if state["lm_head"] is state["embed"] else w("lm_head"))
+        # tied embeddings share the plain weight; a packed head (if any) is the only extra copy. The head stays in
+        # the model's dtype in every weight format: it is where near-ties between tokens are decided.
+        head = Linear(self.embed if state["lm_head"] is state["embed"] else w("lm_head"))
+        self.lm_head = InvariantLinear(head, cfg.hidden_size, dtype) if batch_invariant else head
         self.norm = state["norm"].float()
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             self.layers.append({
                 "attn_norm": state[p + "attn_norm"].float(),  # norms stay float32: they are tiny
-                "qkv": Linear(w(p + "qkv"), w(p + "qkv_bias") if p + "qkv_bias" in state else None),  # H -> (Hq+2Hkv)*D
-                "o": Linear(w(p + "o")),  # Hq*D -> H
+                "qkv": linear(p + "qkv", p + "qkv_bias"),  # H -> (Hq+2Hkv)*D
+                "o": linear(p + "o"),  # Hq*D -> H
                 "mlp_norm": state[p + "mlp_norm"].float(),
-                "gate_up": Linear(w(p + "gate_up")),  # H -> 2*I
-                "down": Linear(w(p + "down")),  # I -> H
+                "gate_up": linear(p + "gate_up"),  # H -> 2*I
+                "down": linear(p + "down"),  # I -> H
             })
+        self.compiled = None
+        if compile:
+            from .compiled import CompiledLayers
+
+            self.compiled = CompiledLayers.build(self)  # None where torch.compile is unavailable
         # (max_position, D/2) tables; float64 angles, float32 storage
         inv = rope_inv_freq(cfg)
         angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float64), inv)
@@ -56,6 +95,14 @@ class Transformer(torch.nn.Module):
         Returns (logits (R, V) float32 for `logits_rows` (all rows if None), hidden (T, H) or None),
         where hidden is the final-norm hidden state the head reads.
         """
+        if self.compiled is not None:
+            try:
+                return self._forward_compiled(tokens, positions, k_cache, v_cache, new_slots, attn, logits_rows,
+                                              return_hidden)
+            except Exception as e:  # inductor could not build or run it: eager from now on (same slots rewritten)
+                log.warning("torch.compile failed (%s: %s); the model runs eager", type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+                self.compiled = None
         cfg = self.cfg
         T = tokens.shape[0]
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -71,16 +118,46 @@ class Transformer(torch.nn.Module):
             v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
             k_cache[i].index_copy_(0, new_slots, k)
             v_cache[i].index_copy_(0, new_slots, v)
-            if decode:
-                a = kernels.decode_attention(q, k_cache[i], v_cache[i], attn, self.scale)
-            else:
-                a = kernels.prefill_attention(q.contiguous(), k_cache[i], v_cache[i], attn, self.scale)
+            a = self._attention(q, k_cache[i], v_cache[i], attn, decode)
             x = x + layer["o"](a.reshape(T, Hq * D))
             h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
             gate, up = layer["gate_up"](h).chunk(2, dim=-1)
             x = x + layer["down"](F.silu(gate) * up)
             next_norm = self.layers[i + 1]["attn_norm"] if i + 1 < len(self.layers) else self.norm
             h = kernels.rms_norm(x, next_norm, cfg.rms_norm_eps)
+        return self._head(h, logits_rows, return_hidden)
+
+    def _forward_compiled(self, tokens, positions, k_cache, v_cache, new_slots, attn, logits_rows, return_hidden):
+        """`forward` with the work between attention calls in compiled graphs (ttc/decoder/compiled.py)."""
+        cfg, c = self.cfg, self.compiled
+        T, Hq, Hkv, D = tokens.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        decode = isinstance(attn, DecodePlan)
+        x = self.embed[tokens]  # (T, H)
+        h = kernels.rms_norm(x, self.layers[0]["attn_norm"], cfg.rms_norm_eps)
+        qk, v = c.first(h, cos, sin, Hq, Hkv, c.parts[0]["qkv"])
+        for i, (layer, parts) in enumerate(zip(self.layers, c.parts)):
+            k_cache[i].index_copy_(0, new_slots, qk[:, Hq:])
+            v_cache[i].index_copy_(0, new_slots, v)
+            a = self._attention(qk[:, :Hq], k_cache[i], v_cache[i], attn, decode)
+            last = i + 1 == len(self.layers)
+            next_norm = self.norm if last else self.layers[i + 1]["attn_norm"]
+            x, h, qk, v = c.between(a.reshape(T, Hq * D), x, cos, sin, cfg.rms_norm_eps, Hq, Hkv, parts["o"],
+                                    layer["mlp_norm"], parts["gate_up"], parts["down"], next_norm,
+                                    None if last else c.parts[i + 1]["qkv"])
+        return self._head(h, logits_rows, return_hidden)
+
+    def _attention(self, q, k_cache, v_cache, attn, decode: bool):
+        """q (T, Hq, D) -> (T, Hq, D) for one layer, by the plan's kind (decode or prefill)."""
+        if self.batch_invariant:
+            if decode:
+                return invariant.decode_attention(q, k_cache, v_cache, attn, self.scale)
+            return invariant.prefill_attention(q, k_cache, v_cache, attn, self.scale)
+        if decode:
+            return kernels.decode_attention(q, k_cache, v_cache, attn, self.scale)
+        return kernels.prefill_attention(q.contiguous(), k_cache, v_cache, attn, self.scale)
+
+    def _head(self, h, logits_rows, return_hidden: bool):
         rows = h if logits_rows is None else h[logits_rows]
         logits = self.lm_head(rows).float()
         return logits, (h if return_hidden else None)
