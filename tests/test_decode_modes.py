@@ -55,7 +55,7 @@ def test_int4_of_the_embedded_model_runs_the_gguf_blocks_themselves():
     _, state = load_weights(resolve("smollm2-135m"))
     blocks = load_gguf_q4_1(resolve("smollm2-135m").path)
     layer = model.engine.model.layers[0]["gate_up"]
-    q, d, m = blocks["layers.0.gate_up"]
+    _, d, m = blocks["layers.0.gate_up"]
     file_weight = state["layers.0.gate_up"]
     # the kernel's weight is the file's up to bfloat16 rounding of d and m + 8d: within 2^-8 of 8d + |m + 8d|
     bound = (2.0 ** -8) * (8 * d + (m + 8 * d).abs()).repeat_interleave(32, dim=1) + 1e-7

@@ -11,7 +11,6 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-
 from ttc.kernels.linear import Linear
 from ttc.kernels.quant import Int4Linear, Int8Linear, quantize_linear
 

@@ -70,7 +70,7 @@ class CompiledLayers:
         self.failed: BaseException | None = None
 
     @classmethod
-    def build(cls, model) -> "CompiledLayers | None":
+    def build(cls, model) -> CompiledLayers | None:
         if model.batch_invariant:
             raise ValueError("compile and batch_invariant cannot be combined: invariant linears chunk rows in Python")
         layers = model.layers

@@ -20,7 +20,8 @@ How:
 
 Results do not depend on which problems share a batch: each sequence draws from its own random
 stream, and its logits are its own. (In bfloat16, a matrix product's rounding can depend on the batch
-shape, so near-ties may break differently from a run alone; float32 runs match, see the tests.)
+shape, so near-ties may break differently from a run alone; float32 runs match, see the tests, and
+`model.batch_invariant=true` makes bfloat16 runs match too: tests/test_batch_invariance.py.)
 Ledgers stay per problem. Two differences from one problem at a time: a prompt prefix that problems
 share is computed by whichever prefills first and counted as reused by the others (the sum of the two
 is the same), and `peak_kv_bytes` is the pool's peak while the problem ran, other problems included.

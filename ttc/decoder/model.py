@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ttc import kernels
-from ttc.kernels import DecodePlan, PrefillSeq
-from ttc.kernels import invariant
+from ttc.kernels import DecodePlan, PrefillSeq, invariant
 from ttc.kernels.invariant import InvariantLinear
 from ttc.kernels.linear import Linear
 
