@@ -34,7 +34,7 @@ class DecodePlan:
     """Where each of B single-token queries finds its keys."""
 
     segments: tuple[SharedSegment, ...]
-    private_slots: torch.Tensor  # (B, P) slots of each row's unshared tokens, padded with slot 0
+    private_slots: torch.Tensor  # (B, P) slots of each row's unshared tokens, padded with its first context slot (written, finite)
     private_bias: torch.Tensor  # (B, 1, 1, P) 0 where valid, -inf on padding
     all_slots: torch.Tensor  # (B, Tmax) every row's whole context (for the naive twin and tests)
     all_bias: torch.Tensor  # (B, 1, 1, Tmax)
@@ -78,6 +78,9 @@ def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: i
     block_of_pos = table[:, pos // block_size]  # (B, Tmax)
     all_slots = block_of_pos * block_size + pos % block_size
     valid = pos[None, :] < n
+    # padding points at the row's first context slot, which holds written (finite) K/V: the pool is
+    # torch.empty, and an unwritten slot may hold NaN bits, which a -inf mask does not cancel (0 * NaN)
+    all_slots = torch.where(valid, all_slots, all_slots[:, :1])
     all_bias = torch.zeros(B, 1, 1, t_max).masked_fill_(~valid[:, None, None, :], NEG_INF)
 
     shared = torch.tensor(sorted({b for _, blocks in kept for b in blocks}), dtype=torch.long)

@@ -106,3 +106,23 @@ def test_bfloat16_cascade_stays_within_twice_the_naive_bfloat16_error():
     err_fast = (decode_attention(q, k, v, plan, 0.125).float() - exact).abs().max()
     err_ref = (decode_attention_naive(q, k, v, plan, 0.125).float() - exact).abs().max()
     assert err_fast <= 2 * err_ref + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unwritten_kv_slots_holding_nan_never_reach_a_decode_output(dtype):
+    """The pool is torch.empty: a slot no token has written may hold NaN bits. Padding must not read one."""
+    bs, hkv, d = 16, 2, 8
+    g = torch.Generator().manual_seed(0)
+    k = torch.full((8 * bs, hkv, d), float("nan"), dtype=dtype)
+    v = k.clone()
+    tables, lengths = [[1, 2], [1, 3], [4]], [20, 18, 5]  # block 1 shared; rows end inside their last block
+    for table, n in zip(tables, lengths):
+        for pos in range(n):
+            slot = table[pos // bs] * bs + pos % bs
+            k[slot], v[slot] = torch.randn(hkv, d, generator=g).to(dtype), torch.randn(hkv, d, generator=g).to(dtype)
+    q = torch.randn(3, 4, d, generator=g).to(dtype)
+    plan = plan_decode(tables, lengths, bs, min_shared_tokens=1, dtype=dtype)
+    fast = decode_attention(q, k, v, plan, d ** -0.5)
+    slow = decode_attention_naive(q, k, v, plan, d ** -0.5)
+    assert torch.isfinite(fast).all() and torch.isfinite(slow).all()
+    assert torch.allclose(fast.float(), slow.float(), atol=2e-2)
