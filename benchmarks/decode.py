@@ -112,12 +112,17 @@ def run_hf(hf_model, prompt: list[int], n: int, new: int) -> dict:
             "kv": kv * hf_model.dtype.itemsize * out.shape[0] * out.shape[1]}
 
 
+def agreement_counts(ids, ref) -> tuple[int, int]:
+    """(tokens equal before the first divergence, tokens equal position by position) of two token sequences."""
+    prefix = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
+    return prefix, sum(a == b for a, b in zip(ids, ref))
+
+
 def agreement(ids: list[int] | None, ref: list[int] | None) -> str:
     """'prefix / positionwise': the fraction of ref's tokens matched before the first divergence, and in all."""
     if not ids or not ref:
         return "-"
-    prefix = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
-    same = sum(a == b for a, b in zip(ids, ref))
+    prefix, same = agreement_counts(ids, ref)
     return f"{prefix / len(ref):.2f} / {same / len(ref):.2f}"
 
 

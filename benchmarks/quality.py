@@ -18,12 +18,16 @@ import datetime
 import gc
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
 import ttc
 from ttc.decoder import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import agreement_counts  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 MODES = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"dtype": "int8"},
          "int4 (Q4_1 blocks)": {"dtype": "int4"}, "bfloat16 batch-invariant": {"dtype": "bfloat16",
@@ -60,9 +64,9 @@ def greedy(model, prompts) -> list[tuple[int, ...]]:
 
 
 def agreement(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> tuple[float, float]:
-    same = sum(x == y for s, t in zip(a, b) for x, y in zip(s, t)) / sum(len(s) for s in a)
-    prefix = [next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), len(s)) for s, t in zip(a, b)]
-    return same, sum(prefix) / len(prefix)
+    """(share of positions equal, mean common-prefix length) of paired greedy texts (all of one length)."""
+    counts = [agreement_counts(s, t) for s, t in zip(a, b)]
+    return sum(same for _, same in counts) / sum(len(s) for s in a), sum(prefix for prefix, _ in counts) / len(counts)
 
 
 def main() -> None:

@@ -100,8 +100,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G, D)
     lengths = (plan.all_bias[:, 0, 0, :] == 0).sum(1)  # (B,) context lengths
-    # padding points at the row's own first slot: finite values, masked out below
-    slots = torch.where(plan.all_bias[:, 0, 0, :] == 0, plan.all_slots, plan.all_slots[:, :1])
+    slots = plan.all_slots  # (B, Tmax); plan_decode points padding at the row's first (written) slot
     o = lse = None
     for start in range(0, slots.shape[1], KEY_CHUNK):
         chunk = slots[:, start:start + KEY_CHUNK]

@@ -13,7 +13,13 @@ from ttc.decoder.engine import Completion, Engine
 from ttc.decoder.model import Transformer
 from ttc.decoder.sampling import SamplingParams, child_seed
 from ttc.decoder.tokenizer import Tokenizer, load_tokenizer
-from ttc.decoder.weights import EMBEDDED_MODEL, ModelSource, load_weights, resolve
+from ttc.decoder.weights import (
+    EMBEDDED_MODEL,
+    ModelSource,
+    load_gguf_q4_1,
+    load_weights,
+    resolve,
+)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -123,11 +129,7 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     cfg, state = load_weights(source)
     tokenizer = load_tokenizer(source, extra_eos=cfg.eos_token_ids)
     weights = dtype if dtype in QUANTIZED else "plain"
-    q4_1 = None
-    if weights == "int4" and source.kind == "gguf":
-        from ttc.decoder.weights import load_gguf_q4_1
-
-        q4_1 = load_gguf_q4_1(source.path)
+    q4_1 = load_gguf_q4_1(source.path) if weights == "int4" and source.kind == "gguf" else None
     model = Transformer(cfg, state, dtype=torch.bfloat16 if weights != "plain" else resolve_dtype(dtype, device),
                         weights=weights, q4_1=q4_1, batch_invariant=batch_invariant, compile=compile)
     del state, q4_1

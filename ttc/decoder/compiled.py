@@ -63,11 +63,9 @@ class CompiledLayers:
     """The compiled `first` and `between` for one model, and the per-layer argument tuples they take."""
 
     def __init__(self, model):
-        self.model = model
         self.parts = [{name: layer[name].parts() for name in ("qkv", "o", "gate_up", "down")} for layer in model.layers]
         self.first = torch.compile(first, dynamic=True)
         self.between = torch.compile(between, dynamic=True)
-        self.failed: BaseException | None = None
 
     @classmethod
     def build(cls, model) -> CompiledLayers | None:

@@ -25,6 +25,7 @@ from ttc import kernels
 from ttc.kernels import DecodePlan, PrefillSeq, invariant
 from ttc.kernels.invariant import InvariantLinear
 from ttc.kernels.linear import Linear
+from ttc.kernels.quant import quantize_linear
 
 from .config import ModelConfig, rope_inv_freq
 
@@ -52,8 +53,6 @@ class Transformer(torch.nn.Module):
             if weights == "plain":
                 lin = Linear(w(name), bias)
             else:  # quantized from the float32 weights (or the GGUF's own blocks), not from their dtype copy
-                from ttc.kernels.quant import quantize_linear
-
                 lin = quantize_linear(state[name], bias, weights, q4_1.get(name))
             return InvariantLinear(lin, state[name].shape[1], dtype) if batch_invariant else lin
 

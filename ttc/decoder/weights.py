@@ -279,16 +279,18 @@ def _gguf_index(path: Path) -> dict:
     return index
 
 
+def _open_gguf(path: Path) -> tuple[ModelConfig, dict[str, dict], np.ndarray]:
+    """(config, tensor records by GGUF name, the file memory-mapped as bytes) from the cached index."""
+    index = _gguf_index(path)
+    cfg = ModelConfig(**dict(index["config"], eos_token_ids=tuple(index["config"]["eos_token_ids"])))
+    return cfg, {t["name"]: t for t in index["tensors"]}, np.memmap(path, dtype=np.uint8, mode="r")
+
+
 def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    index = _gguf_index(path)
-    raw_cfg = index["config"]
-    raw_cfg["eos_token_ids"] = tuple(raw_cfg["eos_token_ids"])
-    cfg = ModelConfig(**raw_cfg)
-    by_name = {t["name"]: t for t in index["tensors"]}
-    file = np.memmap(path, dtype=np.uint8, mode="r")
+    cfg, by_name, file = _open_gguf(path)
 
     def get(name: str):
         t = by_name.get(name)
@@ -315,8 +317,9 @@ def _gguf_rows(w: torch.Tensor, name: str, cfg: ModelConfig) -> torch.Tensor:
     return w
 
 
-# the linear layers whose raw blocks `load_gguf_q4_1` returns (never embed or norms)
-Q4_1_LINEARS = ("layers.{i}.qkv", "layers.{i}.o", "layers.{i}.gate_up", "layers.{i}.down", "lm_head")
+# the linear layers whose raw blocks `load_gguf_q4_1` returns: the layer linears, the ones the int4 mode runs
+# (never embed, norms or the head, which stays in the model's dtype: ttc/decoder/model.py)
+Q4_1_LINEARS = ("layers.{i}.qkv", "layers.{i}.o", "layers.{i}.gate_up", "layers.{i}.down")
 
 
 def load_gguf_q4_1(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -325,16 +328,11 @@ def load_gguf_q4_1(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, to
     q * d + m (d, m repeated over each block of 32 columns) is exactly `load_gguf`'s float weight: rows go
     through the same `_gguf_rows` permutation and `_gather` fusion, applied to whole rows of raw bytes (a
     Q4_1 row is K/32 blocks of 20 bytes) before the blocks are parsed. A fused weight is present only when
-    every part is Q4_1 (files with mixed types keep their other tensors on the float path); a tied head is
-    absent. Cost: one read of the Q4_1 bytes and one nibble split (~0.1 s for the embedded model).
+    every part is Q4_1 (files with mixed types keep their other tensors on the float path). Cost: one read of the Q4_1 bytes and one nibble split (~0.1 s for the embedded model).
     """
     from gguf import GGMLQuantizationType
 
-    index = _gguf_index(path)
-    raw_cfg = dict(index["config"], eos_token_ids=tuple(index["config"]["eos_token_ids"]))
-    cfg = ModelConfig(**raw_cfg)
-    by_name = {t["name"]: t for t in index["tensors"]}
-    file = np.memmap(path, dtype=np.uint8, mode="r")
+    cfg, by_name, file = _open_gguf(path)
 
     def rows_of(name: str) -> torch.Tensor | None:  # (N, K/32 * 20) raw bytes in ttc's row order
         t = by_name.get(name)
