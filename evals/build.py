@@ -215,6 +215,7 @@ def build_verifier(cfg: dict, model, names: dict):
     file is trained first on the dataset's training split, and cached: see `ttc.evals.probe_training`.
     """
     from ttc.graph import HIDDEN_STATES, MissingCapability, backend_of, require
+    from ttc.verifiers.probe import shipped_probe_path
 
     node = dict(cfg.get("verifier") or {})
     if node.get("_target_") is None:
@@ -226,7 +227,10 @@ def build_verifier(cfg: dict, model, names: dict):
             # the learned probe reads the policy's hidden states: say so before training it, not after
             require(backend_of(model), HIDDEN_STATES, f"verifier={names.get('verifier') or 'probe'}")
             path = node["path"]
-            if path in (None, MISSING) or not Path(str(path)).expanduser().is_file():
+            shipped = shipped_probe_path(getattr(model, "name", "")) if path in (None, MISSING) else None
+            if shipped is not None:  # the probe ttc ships for this model: verifier=probe works at once
+                node["path"] = str(shipped)
+            elif path in (None, MISSING) or not Path(str(path)).expanduser().is_file():
                 from ttc.evals.probe_training import ensure_probe
 
                 node["path"] = str(ensure_probe(cfg, model, names, path=None if path in (None, MISSING) else path))

@@ -161,6 +161,8 @@ def _record(problem: Problem, result: Result | None, dataset: Dataset, ledger: L
         record.update({"answer": result.answer, "correct": dataset.grade(problem, result.answer),
                        "strategy": result.strategy, "score": result.score, "text": result.text,
                        "samples": _finished_samples(result), "candidates": candidates})
+        if result.details:
+            record["details"] = result.details
         ledger = result.ledger
     if problem.metadata:
         record["metadata"] = problem.metadata

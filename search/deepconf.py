@@ -99,6 +99,7 @@ class DeepConf:
                              "saved_tokens_estimate": sum(max(0.0, mean_full - b.num_tokens) for b in stopped)})
         result = best_scored("deepconf", problem, proposer, meter, tree, voters, [answers[b.id] for b in voters],
                              [lows[b.id] for b in voters], weighted=True)
+        result.details = dict(tree.history[-1])  # the record's: threshold, stopped traces, their tokens
         voted = {b.id for b in voters}  # candidates: every trace that ran to the end (pass@k), voter or not
         result.candidates = [{"answer": answers[b.id], "score": lows[b.id], "voted": b.id in voted} for b in full]
         return result

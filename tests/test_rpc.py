@@ -135,3 +135,14 @@ def test_rpc_reproduces_at_the_same_seed_on_the_tiny_model(tiny_model):
     assert first.tree["history"] == again.tree["history"]
     assert first_meter.ledger.as_dict()["generated_tokens"] == again_meter.ledger.as_dict()["generated_tokens"]
     assert first_meter.ledger.verifier_tokens == 0  # choosing cost nothing
+
+
+@pytest.mark.parametrize("shape, scale", [(0.5, 0.3), (1.0, 1.0), (2.7, 0.8), (12.0, 0.05)])
+def test_the_written_out_weibull_log_density_equals_scipys(shape, scale):
+    from scipy import stats
+
+    from ttc.verifiers.rpc import _weibull_logpdf
+
+    x = np.array([1e-4, 0.01, 0.2, 0.5, 0.9, 1.0, 3.0])
+    np.testing.assert_allclose(_weibull_logpdf(x, shape, scale), stats.weibull_min.logpdf(x, shape, scale=scale),
+                               rtol=1e-12, atol=1e-12)

@@ -440,3 +440,35 @@ def test_embedded_model_self_evaluates_a_right_answer_above_a_wrong_one_within_b
     assert meter.ledger.verifier_tokens == meter.ledger.total_tokens == asked <= budget.tokens
     assert meter.ledger.prefill_tokens == meter.ledger.generated_tokens == 0
     release_policy(smollm, [right, wrong])
+
+
+def test_the_shipped_probe_is_for_the_embedded_model_and_records_how_it_was_trained():
+    from ttc.verifiers.probe import FORMAT_VERSION, shipped_probe_path
+
+    path = shipped_probe_path("smollm2-135m")
+    assert path is not None and shipped_probe_path("no-such-model") is None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["format"] == FORMAT_VERSION and state["model"] == "smollm2-135m"
+    assert state["weights"].shape == (2 * state["feature"]["hidden_size"],) == (1152,)
+    meta = state["metadata"]
+    assert meta["command"].startswith("python -m ttc.evals.fit_probe") and meta["ledger"]["generated_tokens"] > 0
+    assert 0.0 <= meta["metrics"]["held_out"]["auc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_verifier_probe_without_a_path_loads_the_shipped_probe_and_reports_its_training_cost(smollm):
+    from ttc.evals.build import build_verifier, training_cost
+    from ttc.verifiers.probe import shipped_probe_path
+
+    cfg = {"verifier": {"_target_": "ttc.verifiers.probe.ProbeVerifier", "path": None, "batch_size": 8},
+           "model": {"spec": "smollm2-135m"}, "dataset": {}}
+    verifier = build_verifier(cfg, smollm, {"verifier": "probe"})
+    shipped = torch.load(shipped_probe_path("smollm2-135m"), weights_only=True)["metadata"]
+    assert (verifier.metadata["created"], verifier.metadata["command"]) == (shipped["created"], shipped["command"])
+    assert training_cost(verifier).generated_tokens == verifier.metadata["ledger"]["generated_tokens"]
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    branch = make_branch(smollm, prompt, ["2 + 3 = 5. The answer is 5."], finished=True, eos=True)
+    smollm.engine.forward([branch.handle])
+    (score,) = verifier.score([branch], Meter())
+    assert 0.0 < score < 1.0
+    release_policy(smollm, [branch])

@@ -54,10 +54,12 @@ class Result:
     strategy: str
     candidates: list[dict] = field(default_factory=list)  # [{"answer", "score", "votes"?}]
     budget_tokens: int | None = None
+    details: dict = field(default_factory=dict)  # what a strategy reports beyond its answer (JSON-ready)
 
     def as_record(self) -> dict:
+        extra = {"details": self.details} if self.details else {}
         return {"id": self.problem_id, "answer": self.answer, "score": self.score, "strategy": self.strategy,
-                "candidates": self.candidates, **self.ledger.as_dict()}
+                "candidates": self.candidates, **extra, **self.ledger.as_dict()}
 
     def _repr_html_(self) -> str:
         spent = self.ledger.total_tokens

@@ -17,8 +17,10 @@ import datetime
 import logging
 import math
 import random
+import re
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,11 +29,21 @@ import torch.nn.functional as F
 from ttc.graph import HIDDEN_STATES, Branch, Meter, as_problem, backend_of, require
 from ttc.verifiers.self_eval import DEFAULT_QUESTION, PLAIN_TEMPLATE, judge_suffix_text, uses_chat
 
-__all__ = ["ProbeVerifier", "LogisticProbe", "fit_logistic", "roc_auc"]
+__all__ = ["ProbeVerifier", "LogisticProbe", "fit_logistic", "fit_rows", "probe_metrics", "roc_auc", "shipped_probe_path",
+           "SHIPPED_PROBES"]
 
 log = logging.getLogger(__name__)
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 FORMAT_VERSION = 1
+# Probes trained for the models ttc ships (package data): <model name>.pt, e.g. smollm2-135m.pt. How each was
+# trained, its held-out AUC and its training cost are in its metadata; docs/results.md has the command.
+SHIPPED_PROBES = Path(__file__).parent / "probes"
+
+
+def shipped_probe_path(model_name: str) -> Path | None:
+    """The probe shipped for `model_name` (a ttc.load spec, e.g. "smollm2-135m"), or None."""
+    path = SHIPPED_PROBES / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', str(model_name))}.pt"
+    return path if path.is_file() else None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -85,7 +97,7 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def _metrics(probe: LogisticProbe, x: torch.Tensor, y: torch.Tensor) -> dict:
+def probe_metrics(probe: LogisticProbe, x: torch.Tensor, y: torch.Tensor) -> dict:
     if len(y) == 0:
         return {"n": 0, "auc": float("nan"), "accuracy": float("nan"), "log_loss": float("nan")}
     p = probe.predict(x)
@@ -111,6 +123,29 @@ def _split(groups: list[int], fraction: float, rng: random.Random) -> tuple[list
         out = sorted(rows[: max(1, round(fraction * len(rows)))])
     held_rows = set(out)
     return [i for i in range(len(groups)) if i not in held_rows], out
+
+
+def fit_rows(x: torch.Tensor, y: torch.Tensor, groups: list, held_out: float = 0.2,
+             l2_grid: tuple[float, ...] = L2_GRID, seed: int = 0) -> tuple[LogisticProbe, dict]:
+    """(probe, {"l2", "validation_log_loss", "metrics", "held_out_rows"}) fitted on rows x (N, F), labels y (N,).
+
+    Rows of one group (problem) stay on one side of every split: `held_out` of the groups are kept out to
+    report AUC/accuracy, the L2 strength is chosen on a quarter of the rest, and the probe is refitted on all
+    of the rest with it."""
+    rng = random.Random(seed)
+    train, test = _split(groups, held_out, rng)
+    fit_part, val_part = _split([groups[i] for i in train], 0.25, rng)
+    fit_part, val_part = [train[i] for i in fit_part], [train[i] for i in val_part]
+    tr = torch.tensor(train)
+    mean, std = x[tr].double().mean(0), x[tr].double().std(0, unbiased=False).clamp_min(1e-6)
+    losses = {}
+    for l2 in l2_grid:
+        probe = fit_logistic(x[fit_part], y[fit_part], l2, mean, std)
+        losses[l2] = probe_metrics(probe, x[val_part], y[val_part])["log_loss"]
+    best = min(l2_grid, key=lambda l2: (losses[l2] if not math.isnan(losses[l2]) else math.inf, -l2))
+    probe = fit_logistic(x[tr], y[tr], best, mean, std)
+    report = {"train": probe_metrics(probe, x[tr], y[tr]), "held_out": probe_metrics(probe, x[test], y[test])}
+    return probe, {"l2": best, "validation_log_loss": losses, "metrics": report, "held_out_rows": test}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -242,25 +277,13 @@ class ProbeVerifier:
             raise ValueError(f"every sampled solution was graded {bool(y[0])}: a probe needs both correct and "
                              "incorrect examples (use more or harder/easier problems, or more samples)")
 
-        rng = random.Random(seed)
-        train, test = _split(groups, held_out, rng)
-        fit_rows, val_rows = _split([groups[i] for i in train], 0.25, rng)
-        fit_rows, val_rows = [train[i] for i in fit_rows], [train[i] for i in val_rows]
-        tr = torch.tensor(train)
-        mean, std = x[tr].double().mean(0), x[tr].double().std(0, unbiased=False).clamp_min(1e-6)
-        losses = {}
-        for l2 in l2_grid:
-            probe = fit_logistic(x[fit_rows], y[fit_rows], l2, mean, std)
-            losses[l2] = _metrics(probe, x[val_rows], y[val_rows])["log_loss"]
-        best = min(l2_grid, key=lambda l2: (losses[l2] if not math.isnan(losses[l2]) else math.inf, -l2))
-        out.probe = fit_logistic(x[tr], y[tr], best, mean, std)
-        report = {"train": _metrics(out.probe, x[tr], y[tr]), "held_out": _metrics(out.probe, x[test], y[test])}
-        out.metadata = {"l2": best, "validation_log_loss": losses, "metrics": report,
-                         "problems": len(problems), "rows": len(ys), "samples_per_problem": samples_per_problem,
-                         "max_tokens": max_tokens, "temperature": temperature, "per_step": per_step, "seed": seed,
-                         "ledger": meter.ledger.as_dict(), "created": datetime.datetime.now().isoformat()}
-        h = report["held_out"]
-        line = (f"probe: {len(ys)} rows from {len(problems)} problems ({y.mean():.0%} correct), l2={best:g}; "
+        out.probe, fitted = fit_rows(x, y, groups, held_out, l2_grid, seed)
+        fitted.pop("held_out_rows")
+        out.metadata = {**fitted, "problems": len(problems), "rows": len(ys), "samples_per_problem": samples_per_problem,
+                        "max_tokens": max_tokens, "temperature": temperature, "per_step": per_step, "seed": seed,
+                        "ledger": meter.ledger.as_dict(), "created": datetime.datetime.now().isoformat()}
+        h = fitted["metrics"]["held_out"]
+        line = (f"probe: {len(ys)} rows from {len(problems)} problems ({y.mean():.0%} correct), l2={fitted['l2']:g}; "
                 f"held-out AUC {h['auc']:.3f}, accuracy {h['accuracy']:.3f} on {h['n']} rows")
         log.info(line)
         if progress:

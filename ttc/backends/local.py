@@ -93,8 +93,11 @@ class LocalProposer(StepProposer):
 
     def __init__(self, model, step_stop: tuple[str, ...] = ("\n\n",), max_step_tokens: int = 256,
                  max_tokens: int = 768, temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0,
-                 min_p: float = 0.0, seed: int = 0, answer_fn: AnswerFn | None = None):
+                 min_p: float = 0.0, seed: int = 0, answer_fn: AnswerFn | None = None, share_budget: bool = False):
         super().__init__(step_stop, max_step_tokens, max_tokens, temperature, top_p, top_k, min_p, seed, answer_fn)
+        # share_budget: whole solutions drawn in one call (to_end) share what the budget affords them, instead of
+        # an equal cap each: tokens a sample that ended early did not draw go to the ones still running.
+        self.share_budget = share_budget
         self.backend = backend_of(model)
         self.model, self.engine = self.backend.model, self.backend.engine
 
@@ -119,13 +122,27 @@ class LocalProposer(StepProposer):
         cap = share if step_cap is None else min(step_cap, share)
         return [max(0, min(cap, self.max_tokens - b.num_tokens)) for b in branches for _ in range(per_branch)]
 
+    def _shared_limits(self, branches: list[Branch], per_branch: int, meter: Meter) -> tuple[list[int], int | None]:
+        """(per-child limits, the pool they share) for whole solutions with share_budget and a token budget: each
+        child may run to the solution cap, and together they draw at most the equal shares' sum."""
+        children = len(branches) * per_branch
+        share = meter.generation_share(children)
+        if share >= 1 << 30:  # no token budget: nothing to share
+            return self._limits(branches, per_branch, meter, None), None
+        pool = share * children
+        return [max(0, min(pool, self.max_tokens - b.num_tokens)) for b in branches for _ in range(per_branch)], pool
+
     def propose(self, branches: list[Branch], n: int, meter: Meter, to_end: bool = False,
                 stop_when: ConfidenceStop | None = None) -> list[Branch]:
         """n children of every unfinished branch, each one step longer (or finished, with to_end); with
         `stop_when`, a child is stopped inside the decode (finish_reason "stopped", KV released then)."""
         live = [b for b in branches if not b.finished]
-        limits = self._limits(live, n, meter, None if to_end else self.max_step_tokens)
-        if not live or n < 1 or max(limits, default=0) < 1:
+        pool = None
+        if to_end and self.share_budget:
+            limits, pool = self._shared_limits(live, n, meter)
+        else:
+            limits = self._limits(live, n, meter, None if to_end else self.max_step_tokens)
+        if not live or n < 1 or max(limits, default=0) < 1 or pool == 0:
             return []
         # one batched forward for every parent's last sampled token, instead of one per fork
         self.engine.forward([b.handle for b in live if b.handle.num_pending])
@@ -135,7 +152,7 @@ class LocalProposer(StepProposer):
             handles.extend(self.engine.fork(b.handle, n, seeds=s, ledger=meter.ledger))
             seeds.extend(s)
             parents.extend([b] * n)
-        return self._extend(parents, handles, seeds, limits, to_end, stop_when)
+        return self._extend(parents, handles, seeds, limits, to_end, stop_when, pool)
 
     def complete(self, branches: list[Branch], meter: Meter) -> list[Branch]:
         """Extend each unfinished branch (in place, no fork) to the end of its solution."""
@@ -146,13 +163,16 @@ class LocalProposer(StepProposer):
         done = iter(self._extend(live, [b.handle for b in live], [b.seed for b in live], limits, True))
         return [next(done) if not b.finished else b for b in branches]
 
-    def _extend(self, parents, handles, seeds, limits, to_end: bool, stop_when: ConfidenceStop | None = None):
+    def _extend(self, parents, handles, seeds, limits, to_end: bool, stop_when: ConfidenceStop | None = None,
+                shared_tokens: int | None = None):
         keep = [i for i, m in enumerate(limits) if m > 0]
         if len(keep) < len(handles):  # children the budget cannot extend are dropped at once
             self.engine.release([h for h, m in zip(handles, limits) if m <= 0])
             parents, handles, seeds, limits = ([x[i] for i in keep] for x in (parents, handles, seeds, limits))
         stop = None if to_end else list(self.step_stop)
         extra = {} if stop_when is None else {"stop_when": stop_when}  # engine wrappers without it (see LocalBackend)
+        if shared_tokens is not None:
+            extra["shared_tokens"] = shared_tokens
         outs = self.engine.generate(handles, self.params, limits, stop=stop, **extra)
         children = []
         for parent, h, seed, out, limit in zip(parents, handles, seeds, outs, limits):

@@ -45,6 +45,7 @@ class Request:
     stop_when: ConfidenceStop | None = None
     finish: list[tuple[str, str | None]] = field(default_factory=list)  # per sequence: (reason, stop hit)
     active: list[int] = field(default_factory=list)  # indices of sequences still generating
+    shared_tokens: int | None = None  # new tokens all of its sequences may draw together (None: only their limits)
     completions: list | None = None  # set when done
     error: BaseException | None = None  # set if the batch failed while this request was in it
 
@@ -75,14 +76,15 @@ class GenerationBatch:
         return total
 
     def request(self, seqs, params: SamplingParams | list[SamplingParams], max_new_tokens: int | list[int],
-                stop=None, ignore_eos: bool = False, stop_when: ConfidenceStop | None = None) -> Request:
+                stop=None, ignore_eos: bool = False, stop_when: ConfidenceStop | None = None,
+                shared_tokens: int | None = None) -> Request:
         params = params if isinstance(params, list) else [params] * len(seqs)
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(seqs)
         n = len(seqs)
         stop = [s for s in (stop or []) if s]
         return Request(list(seqs), params, list(limits), stop, ignore_eos, max((len(s) for s in stop), default=0) + 2,
                        [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], stop_when,
-                       [("length", None)] * n, [i for i in range(n) if limits[i] > 0])
+                       [("length", None)] * n, [i for i in range(n) if limits[i] > 0], shared_tokens)
 
     def fits(self, request: Request) -> bool:
         """Whether the request can be admitted now without risking the pool (worst case)."""
@@ -104,9 +106,9 @@ class GenerationBatch:
             self.requests.append(request)
 
     def add(self, seqs, params, max_new_tokens, stop=None, ignore_eos: bool = False,
-            stop_when: ConfidenceStop | None = None) -> Request:
+            stop_when: ConfidenceStop | None = None, shared_tokens: int | None = None) -> Request:
         """request + check + admit, for a single caller (Engine.generate)."""
-        request = self.request(seqs, params, max_new_tokens, stop, ignore_eos, stop_when)
+        request = self.request(seqs, params, max_new_tokens, stop, ignore_eos, stop_when, shared_tokens)
         self.check_alone(request)
         self.admit(request)
         return request
@@ -126,7 +128,25 @@ class GenerationBatch:
                 r.error = e
             raise
 
+    def _end_shared(self) -> list[Request]:
+        """Requests whose shared token pool cannot give every active sequence one more token: the sequences
+        beyond what is left (the last ones) end here, with "length"; returns the requests that finished so.
+        A sequence that ended early (EOS, a stop string) left its unspent tokens to the others."""
+        for r in self.requests:
+            if r.shared_tokens is not None:
+                left = r.shared_tokens - sum(len(new) for new in r.new)
+                if left < len(r.active):
+                    r.active = r.active[:max(0, left)]
+        finished = [r for r in self.requests if not r.active]
+        for r in finished:
+            self._complete(r)
+        self.requests = [r for r in self.requests if r.active]
+        return finished
+
     def _step(self) -> list[Request]:
+        ended = self._end_shared()
+        if not self.requests:
+            return ended
         engine = self.engine
         slots = [(r, i) for r in self.requests for i in r.active]
         batch = [r.seqs[i] for r, i in slots]
@@ -167,7 +187,7 @@ class GenerationBatch:
                 self._complete(r)
                 finished.append(r)
         self.requests = [r for r in self.requests if r.active]
-        return finished
+        return ended + finished
 
     def _complete(self, r: Request) -> None:
         out = []

@@ -73,8 +73,9 @@ class ConcurrentEngine:
 
     # -- generate: shared decode steps ------------------------------------------------------------
 
-    def generate(self, seqs, params, max_new_tokens, stop=None, ignore_eos: bool = False, stop_when=None):
-        request = self._batch.request(seqs, params, max_new_tokens, stop, ignore_eos, stop_when)
+    def generate(self, seqs, params, max_new_tokens, stop=None, ignore_eos: bool = False, stop_when=None,
+                 shared_tokens: int | None = None):
+        request = self._batch.request(seqs, params, max_new_tokens, stop, ignore_eos, stop_when, shared_tokens)
         with self._state:
             if self._cancelled is not None:
                 raise Cancelled("the engine was cancelled") from self._cancelled

@@ -184,13 +184,16 @@ class Engine:
 
     def generate(self, seqs: list[Sequence], params: SamplingParams | list[SamplingParams],
                  max_new_tokens: int | list[int], stop: list[str] | tuple[str, ...] | None = None,
-                 ignore_eos: bool = False, stop_when: ConfidenceStop | None = None) -> list[Completion]:
+                 ignore_eos: bool = False, stop_when: ConfidenceStop | None = None,
+                 shared_tokens: int | None = None) -> list[Completion]:
         """Advance every sequence until its own stop string, EOS or token limit (or, with `stop_when`, until its
         confidence window falls below the threshold: that sequence's KV is released at once); one forward per step.
+        With `shared_tokens`, the sequences also draw at most that many new tokens together: what one that ended
+        early did not draw, the others may (when the pool runs short, the last sequences end first).
 
         Raises PoolExhausted before starting if the worst case (every sequence at its limit) cannot fit."""
         batch = GenerationBatch(self)
-        request = batch.add(seqs, params, max_new_tokens, stop, ignore_eos, stop_when)
+        request = batch.add(seqs, params, max_new_tokens, stop, ignore_eos, stop_when, shared_tokens)
         while not request.done:
             batch.step()
         return request.completions

@@ -68,7 +68,12 @@ class RequestEngine:
         self.check()
         return self._engine.score(*args, **kwargs)
 
-    def generate(self, seqs, params, max_new_tokens, stop=None, ignore_eos: bool = False):
+    def generate(self, seqs, params, max_new_tokens, stop=None, ignore_eos: bool = False, stop_when=None,
+                 shared_tokens=None):
+        if stop_when is not None or shared_tokens is not None:  # chunked decoding keeps neither across its chunks
+            raise ValueError("ttc serve decodes in chunks: early stopping (deepconf) and share_budget are not served; "
+                             "run them with ttc-eval or from Python")
+
         def between(progress):
             if self.on_chunk is not None:
                 self.on_chunk(progress)
