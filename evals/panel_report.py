@@ -209,7 +209,7 @@ def plot_curves(folder: str, ks: list[int], greedy: dict | None, shown: list[str
     ax.set_xscale("log")
     ax.set_xlabel("computed tokens per problem (log)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{Path(folder).name}: {len(records)} problems, k = {', '.join(map(str, ks))} samples")
+    ax.set_title(f"{Path(folder).parent.name}/{Path(folder).name}: {len(records)} problems, k = {', '.join(map(str, ks))} samples")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
