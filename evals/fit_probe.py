@@ -16,34 +16,26 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ttc.budget import Ledger
-from ttc.evals.metrics import LEDGER_FIELDS
-from ttc.evals.results import RESULTS, RUN_INFO, ResultsFile
+from ttc.evals.results import RESULTS, ResultsFile
+from ttc.search.panel import feature_file_name
 from ttc.verifiers.probe import FORMAT_VERSION, fit_rows, probe_metrics
 
 __all__ = ["load_rows", "main"]
 
 
-def _feature_file(folder: Path, problem_id: str) -> Path:
-    from ttc.search.panel import feature_file_name
-
-    return folder / "features" / feature_file_name(problem_id)
-
-
-def load_rows(run: str | Path) -> tuple[torch.Tensor, list[float], list[str], dict, Ledger, dict]:
-    """(features (N, F), labels, problem id per row, feature spec, training ledger, run config) of one run."""
+def load_rows(run: str | Path) -> tuple[torch.Tensor, list[float], list[str], dict, Ledger]:
+    """(features (N, F), labels, problem id per row, feature spec, training ledger) of one run."""
     run = Path(run)
     records = ResultsFile(run / RESULTS).load(repair=False)
-    xs, ys, groups, spec = [], [], [], None
-    cost = Ledger()
+    xs, ys, groups, spec, ledgers = [], [], [], None, []
     for pid, record in records.items():
-        path = _feature_file(run, pid)
+        path = run / "features" / feature_file_name(pid)
         if not record.get("candidates") or not path.is_file():
             continue
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -53,14 +45,13 @@ def load_rows(run: str | Path) -> tuple[torch.Tensor, list[float], list[str], di
         xs.append(saved["features"].float())
         ys.extend(float(bool(c.get("correct"))) for c in record["candidates"])
         groups.extend([f"{run}:{pid}"] * len(record["candidates"]))
-        fields = {f: record.get(f, 0) for f in LEDGER_FIELDS}
+        ledger = Ledger.from_record(record)
         own = (record.get("details") or {}).get("selector_tokens", {})
-        fields["verifier_tokens"] = own.get("probe", 0)  # the self_eval questions were not spent for the probe
-        cost = Ledger.sum([cost, Ledger(**fields)])
+        ledger.verifier_tokens = own.get("probe", 0)  # the self_eval questions were not spent for the probe
+        ledgers.append(ledger)
     if not xs:
         raise SystemExit(f"{run}: no saved features (run the panel with strategy.features_dir={run}/features)")
-    config = json.loads((run / RUN_INFO).read_text()).get("config", {}) if (run / RUN_INFO).is_file() else {}
-    return torch.cat(xs), ys, groups, spec, cost, config
+    return torch.cat(xs), ys, groups, spec, Ledger.sum(ledgers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     xs, ys, groups, per_run, specs, costs = [], [], [], [], [], []
     for i, run in enumerate(args.runs):
-        x, y, g, spec, cost, _ = load_rows(run)
+        x, y, g, spec, cost = load_rows(run)
         xs.append(x), ys.extend(y), groups.extend(g), specs.append(spec), costs.append(cost)
         per_run.extend([i] * len(y))
         print(f"{run}: {len(y)} rows from {len(set(g))} problems, {sum(y) / len(y):.1%} correct")

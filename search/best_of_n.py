@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ttc.graph import Branch, Meter, Problem
 from ttc.result import Result, Tree
 from ttc.search.common import bind_verifier, finish, sample_solutions, score_or_zero, verifier_cost
-from ttc.verifiers.vote import vote
+from ttc.verifiers.vote import heaviest_group_best
 
 
 def best_scored(name: str, problem: Problem, proposer, meter: Meter, tree: Tree, samples: list[Branch],
@@ -22,9 +22,9 @@ def best_scored(name: str, problem: Problem, proposer, meter: Meter, tree: Tree,
     if not samples:
         return finish(name, problem, proposer, meter, tree, None, None)
     if weighted:
-        v = vote(answers, weights=scores)
-        members = [i for i, g in enumerate(v.groups) if v.winner is not None and g == v.groups[v.winner]]
-        best = max(members or range(len(samples)), key=lambda i: scores[i])
+        best = heaviest_group_best(answers, scores)
+        if best is None:  # no sample states an answer: the highest score (ties: the first sample)
+            best = max(range(len(samples)), key=lambda i: scores[i])
     else:
         best = max(range(len(samples)), key=lambda i: scores[i])  # ties: the first sample
     candidates = [{"answer": a, "score": s} for a, s in zip(answers, scores)]

@@ -40,7 +40,7 @@ from ttc.verifiers.confidence import FORMS, trace_confidence
 from ttc.verifiers.probe import ProbeVerifier, shipped_probe_path
 from ttc.verifiers.rpc import path_probability, rpc_select
 from ttc.verifiers.self_eval import SelfEvalVerifier
-from ttc.verifiers.vote import vote
+from ttc.verifiers.vote import heaviest_group_best
 
 __all__ = ["Panel", "choose", "feature_file_name", "VOTE_SELECTORS"]
 
@@ -128,11 +128,7 @@ def choose(answers: list[str | None], probabilities: list[float], scores: dict[s
 
     def best_of_group(weights: list[float]) -> int | None:
         weights = [w if w > 0 and w != float("inf") else 0.0 for w in weights]  # an empty trace's -inf: no weight
-        v = vote(answers, weights)
-        if v.winner is None:
-            return None
-        members = [i for i, g in enumerate(v.groups) if g == v.groups[v.winner]]
-        return max(members, key=lambda i: weights[i])  # ties: the first
+        return heaviest_group_best(answers, weights)
 
     picks["self_consistency"] = best_of_group([1.0] * len(answers))
     for name in VOTE_SELECTORS[1:]:

@@ -37,3 +37,13 @@ def vote(answers: list[str | None], weights: list[float] | None = None) -> Vote:
         return Vote(None, groups, totals, counts)
     best = max(totals, key=lambda g: (totals[g], -first[g]))
     return Vote(first[best], groups, totals, counts)
+
+
+def heaviest_group_best(answers: list[str | None], weights: list[float]) -> int | None:
+    """The highest-weighted member of the answer group with the largest summed weight (ties: the first); None
+    when no answer is stated. A weighted best-of-n's choice (ttc.search.best_of_n, the selector panel)."""
+    v = vote(answers, weights)
+    if v.winner is None:
+        return None
+    members = [i for i, g in enumerate(v.groups) if g == v.groups[v.winner]]
+    return max(members, key=lambda i: weights[i])
