@@ -334,6 +334,7 @@ class Run:
     engine: Any = None  # the ConcurrentEngine the worker threads share (concurrency > 1), or the remote backend
     concurrency: int = 1
     training: dict[str, Ledger] = field(default_factory=dict)  # "probe", "difficulty_table": what training cost
+    record_trees: bool = False  # each record keeps its search tree, finished nodes graded (`record_trees=true`)
 
 
 def build_run(cfg: dict, dataset: Dataset, done: dict, names: dict, shard=None) -> Run:
@@ -363,7 +364,7 @@ def build_run(cfg: dict, dataset: Dataset, done: dict, names: dict, shard=None) 
     if clear is not None:
         clear()
     return Run(model, strategy, verifier, make_proposer, budget_factory(cfg["budget"]), allocator, pool, engine,
-               concurrency, {k: v for k, v in costs.items() if v is not None})
+               concurrency, {k: v for k, v in costs.items() if v is not None}, bool(cfg.get("record_trees")))
 
 
 def budget_factory(node: dict) -> Callable[[], Budget]:

@@ -136,6 +136,8 @@ def solve_one(problem: Problem, dataset: Dataset, run: Run, ledger: Ledger | Non
         else:
             result, given = run.allocator.solve(problem, proposer, run.verifier, run.strategy, run.pool, ledger=ledger)
         record = _record(problem, result, dataset)
+        if run.record_trees:
+            record["tree"] = graded_tree(result.tree, problem, dataset)
     except CannotAttempt as e:
         log.warning("problem %s: %s", problem.id, e)
         record = _record(problem, None, dataset, ledger=ledger, error=f"{type(e).__name__}: {e}")
@@ -168,6 +170,14 @@ def _record(problem: Problem, result: Result | None, dataset: Dataset, ledger: L
         record["metadata"] = problem.metadata
     record.update((ledger or Ledger()).as_dict())  # the work done, even by a problem that failed
     return record
+
+
+def graded_tree(tree: dict, problem: Problem, dataset: Dataset) -> dict:
+    """The search tree with every node that holds a whole solution graded (`correct`), for
+    ttc.evals.tree_report: which strategy found a right answer somewhere in its tree, and which picked it."""
+    nodes = [{**node, "correct": dataset.grade_text(problem, node["solution"])} if "solution" in node else node
+             for node in tree.get("nodes", [])]
+    return {**tree, "nodes": nodes}
 
 
 def _finished_samples(result: Result) -> int:

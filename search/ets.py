@@ -254,7 +254,8 @@ class ETSSelector:
             return out
         if not meter.can_afford(sum(len(ids) for _, ids in items)):
             return out  # no coverage information this round rather than a broken budget
-        results = self._backend.score_continuations(items, meter, hidden=True, batch_size=self.embed_batch)
+        results = self._backend.score_continuations(items, meter, hidden=True, batch_size=self.embed_batch,
+                                                    logprobs=False)
         for i, r in zip(where, results):
             out[i] = r.hidden.float().mean(0).numpy()
         return out

@@ -125,6 +125,7 @@ class Context:
     def write(self, problems: list[Problem], stage: str, to_end: bool = True, proposer=None) -> list[str | None]:
         """One reply's text per problem (None where the budget gave none); the replies are released at once."""
         replies = self.sample(problems, 1, stage, to_end=to_end, proposer=proposer)
+        self.tree.not_solutions([b for bs in replies for b in bs])  # notes and ratings, not answers
         self.release([b for bs in replies for b in bs])
         return [bs[0].text.strip() if bs else None for bs in replies]
 

@@ -64,6 +64,7 @@ class PlanSearch:
     def _write(self, problem, proposer, meter, tree, stage, prompts, counts, first=False) -> list[str]:
         """The texts of a stage's replies (their branches released at once)."""
         replies = self._sample(problem, proposer, meter, tree, stage, prompts, counts, first)
+        tree.not_solutions(replies)  # observations and plans, not programs
         proposer.release(replies)
         return [b.text.strip() for b in replies if b.text.strip()]
 

@@ -43,7 +43,7 @@ class ScriptedBackend:
     name = "scripted"
     capabilities = frozenset()  # no logprobs, no hidden states, no shared KV
 
-    def score_continuations(self, items, meter, hidden=False, batch_size=64):
+    def score_continuations(self, items, meter, hidden=False, batch_size=64, logprobs=True):
         raise AssertionError("a strategy asked the scripted backend for a capability it does not declare")
 
     def holds_context(self, branch: Branch) -> bool:

@@ -98,6 +98,24 @@ def test_score_charges_only_the_continuation_as_verifier_tokens(tiny_model):
     engine.release([seq, full])
 
 
+def test_hidden_only_scoring_gives_the_same_hidden_states_and_charges_for_several_continuations(tiny_model):
+    engine, tok = tiny_model.engine, tiny_model.tokenizer
+    seqs = [engine.new_sequence(tok.encode(text)) for text in ("One plus one is", "The sky is")]
+    engine.forward(seqs)
+    items = [(seqs[0], tok.encode(" two. Is it right?")), (seqs[1], tok.encode(" blue"))]
+    full, fast = ttc.Ledger(), ttc.Ledger()
+    with_logprobs = engine.score(items, hidden=True, ledger=full)
+    hidden_only = engine.score(items, hidden=True, ledger=fast, logprobs=False)
+    for slow, quick in zip(with_logprobs, hidden_only):
+        assert quick.logprobs is None and quick.last_logprobs is None
+        assert torch.allclose(quick.hidden, slow.hidden, atol=1e-6)  # the slow twin: the full scoring path
+    assert fast.verifier_tokens == full.verifier_tokens == sum(len(ids) for _, ids in items)
+    assert fast.reused_tokens == full.reused_tokens
+    with pytest.raises(ValueError, match="hidden=True"):
+        engine.score(items, logprobs=False)
+    engine.release(seqs)
+
+
 def test_prompt_longer_than_the_context_is_refused_with_its_length(tiny_model):
     with pytest.raises(ttc.PromptTooLong, match="1500 tokens"):
         tiny_model.generate(list(range(5, 1505)), n=1)

@@ -193,6 +193,15 @@ def test_a_critique_rides_on_its_candidate_into_the_next_fuse_prompt():
     assert not proposer.live
 
 
+def test_in_the_tree_critiques_hold_no_solution_and_samples_and_fusions_do():
+    result, _, _ = run([Generate(n=2), Critique(), Fuse()], Recorder())
+    critiques = [n for n in result.tree["nodes"] if n["status"] == "critique"]
+    assert len(critiques) == 2 and not any("solution" in n for n in critiques)
+    # the 2 samples (pruned: the fusion replaced them) and the fused solution (chosen)
+    assert [(n["status"], n["solution"]) for n in result.tree["nodes"] if "solution" in n] == [
+        ("pruned", "[0]"), ("pruned", "[1]"), ("chosen", "[0]")]
+
+
 def test_critique_with_revise_replaces_each_candidate_by_its_revision():
     proposer, after = Recorder(), Snapshot()
     run([Generate(n=2), Critique(revise=True), after], proposer)

@@ -217,8 +217,8 @@ class MissingCapability(RuntimeError):
 class ContinuationScore:
     """What a backend reports for given tokens appended to a branch (nothing is sampled)."""
 
-    logprobs: Any  # (n,) float tensor: each given token's logprob
-    last_logprobs: Any  # (V,) float tensor: the next-token log-distribution after the last given token
+    logprobs: Any  # (n,) float tensor: each given token's logprob (None when only hidden states were asked)
+    last_logprobs: Any  # (V,) float tensor: the next-token log-distribution after the last given token (or None)
     hidden: Any = None  # (n, H) float tensor, with HIDDEN_STATES, when asked for
 
 
@@ -233,9 +233,11 @@ class Backend(Protocol):
     capabilities: frozenset
 
     def score_continuations(self, items: Sequence[tuple[Branch, Sequence[int]]], meter: Meter,
-                            hidden: bool = False, batch_size: int = 64) -> list[ContinuationScore]:
+                            hidden: bool = False, batch_size: int = 64,
+                            logprobs: bool = True) -> list[ContinuationScore]:
         """Logprobs (and hidden states) of each item's tokens appended to its branch, charged to the
-        meter's ledger as verifier tokens; the branches themselves are unchanged."""
+        meter's ledger as verifier tokens; the branches themselves are unchanged. `logprobs=False` with
+        `hidden=True`: hidden states only (a probe's need; a backend may then skip the vocabulary head)."""
 
     def holds_context(self, branch: Branch) -> bool:
         """Whether a continuation can still be scored after this branch (its KV was not released)."""

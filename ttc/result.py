@@ -31,9 +31,18 @@ class Tree:
                     "text": step.text if step else "", "tokens": len(step.token_ids) if step else 0,
                     "score": None, "status": status}
             self.nodes[branch.id] = node
+        if branch.finished and "solution" not in node:
+            # a node holds only its own step's text, and steps decoded in one call (a completion, a rollout)
+            # are not nodes of their own: a finished node keeps its whole solution, which evals grade
+            node["solution"] = branch.text
         if score is not None:
             node["score"] = float(score)
         node["status"] = status
+
+    def not_solutions(self, branches) -> None:
+        """These finished branches are replies that answer nothing (a rating, a critique, a plan)."""
+        for b in branches:
+            self.nodes.get(b.id, {}).pop("solution", None)
 
     def mark(self, branches, status: str) -> None:
         for b in branches:

@@ -98,12 +98,14 @@ def tree_svg(tree: dict) -> str:
                          f"stroke='{'#00a000' if thick else '#b8b8b8'}' stroke-width='{3 if thick else 1}'/>")
         colour = STATUS_COLOURS.get(n["status"], "#8a8a8a")
         score = "" if n.get("score") is None else f"{n['score']:.2f}"
+        grade = {True: " \u2713", False: " \u2717"}.get(n.get("correct"), "")  # a graded solution (eval records)
         tip = html.escape(f"#{n['id']} {n['status']}, depth {n.get('depth')}, {n.get('tokens', 0)} tokens"
                           f"{', score ' + score if score else ''}\n{n.get('text', '').strip()}")
         extra = "".join(f", {k} {v}" for k, v in n.items() if k in ("visits", "value"))
         dots.append(f"<g><title>{tip}{html.escape(extra)}</title>"
                     f"<circle cx='{x:.0f}' cy='{y:.0f}' r='8' fill='{colour}' stroke='#222' stroke-width='0.6'/>"
-                    + (f"<text x='{x + 10:.0f}' y='{y - 6:.0f}' font-size='10' fill='#222' {HALO}>{score}</text>" if score else "")
+                    + (f"<text x='{x + 10:.0f}' y='{y - 6:.0f}' font-size='10' fill='#222' {HALO}>{score}{grade}</text>"
+                       if score or grade else "")
                     + f"<text x='{x:.0f}' y='{y + 20:.0f}' font-size='10' fill='#444' text-anchor='middle' {HALO}>"
                       f"{html.escape(_label(n.get('text', '')))}</text></g>")
     legend = " ".join(f"<span style='color:{c}'>&#9679; {s}</span>" for s, c in STATUS_COLOURS.items()

@@ -192,7 +192,7 @@ class ProbeVerifier:
         ids = self.spec["suffix_ids"]
         meter.check(len(ids) * len(branches))
         results = self.backend.score_continuations([(b, ids) for b in branches], meter, hidden=True,
-                                                   batch_size=self.batch_size)
+                                                   batch_size=self.batch_size, logprobs=False)
         rows = []
         for r in results:
             h = r.hidden.float()  # (n, H)

@@ -52,7 +52,8 @@ class LocalBackend:
         return list(ids[: len(ids) - branch.num_tokens])
 
     def score_continuations(self, items: Sequence[tuple[Branch, Sequence[int]]], meter: Meter,
-                            hidden: bool = False, batch_size: int = 64) -> list[ContinuationScore]:
+                            hidden: bool = False, batch_size: int = 64,
+                            logprobs: bool = True) -> list[ContinuationScore]:
         """`engine.score` of each continuation on a scratch fork of its branch, `batch_size` at a time,
         charging the continuations as verifier tokens.
 
@@ -66,7 +67,7 @@ class LocalBackend:
         out: list[ContinuationScore] = []
         for i in range(0, len(items), batch_size):
             chunk = [(b.handle, list(ids)) for b, ids in items[i:i + batch_size]]
-            for r in self.engine.score(chunk, hidden=hidden, ledger=meter.ledger):
+            for r in self.engine.score(chunk, hidden=hidden, ledger=meter.ledger, logprobs=logprobs):
                 out.append(ContinuationScore(r.logprobs, r.last_logprobs, r.hidden))
         return out
 

@@ -130,7 +130,8 @@ class RemoteBackend:
         return list(ids[: len(ids) - branch.num_tokens])
 
     def score_continuations(self, items: Sequence[tuple[Branch, Sequence[int]]], meter: Meter,
-                            hidden: bool = False, batch_size: int = 64) -> list[ContinuationScore]:
+                            hidden: bool = False, batch_size: int = 64,
+                            logprobs: bool = True) -> list[ContinuationScore]:
         """Logprobs of each item's tokens appended to its branch, and the next-token distribution after
         them: one request per item, at most `max_concurrency` at once (`batch_size` is not used).
 

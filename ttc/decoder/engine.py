@@ -199,12 +199,17 @@ class Engine:
         return request.completions
 
     def score(self, items: list[tuple[Sequence, list[int]]], hidden: bool = False,
-              charge: str = "verifier", ledger: Ledger | None = None) -> list[ScoreResult]:
+              charge: str = "verifier", ledger: Ledger | None = None, logprobs: bool = True) -> list[ScoreResult]:
         """Logprobs (and hidden states) of given continuations, without sampling or changing the branches.
 
         Each continuation runs on a temporary fork of its branch, so the branch's prefix is not
         recomputed: only the continuation's tokens are charged (to `charge`), then the fork is released.
+        `logprobs=False` (with hidden=True): hidden states only; the vocabulary head then runs for one row
+        per continuation instead of every token (a probe's ~25-token question: a tenth of a beam+probe
+        eval's time went to that head), and `logprobs`/`last_logprobs` are None.
         """
+        if not logprobs and not hidden:
+            raise ValueError("score without logprobs is only for hidden states (hidden=True)")
         forks = []
         try:
             for seq, ids in items:
@@ -213,6 +218,9 @@ class Engine:
                 (child,) = self.fork(seq, 1, seeds=[0], ledger=ledger)  # the prefix counts as reused
                 forks.append(child)
                 self.extend(child, ids, charge=charge)
+            if not logprobs:
+                outputs = self.forward(forks, hidden=True, cache_prefix=False)
+                return [ScoreResult(None, None, h) for _, h in outputs]
             outputs = self.forward(forks, all_logits=True, hidden=hidden, cache_prefix=False)
             results = []
             for (seq, ids), child, (logits, h) in zip(items, forks, outputs):

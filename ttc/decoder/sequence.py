@@ -66,8 +66,8 @@ class Completion:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    logprobs: torch.Tensor  # (n,) logprob of each given token
-    last_logprobs: torch.Tensor  # (V,) distribution after the last given token
+    logprobs: torch.Tensor | None  # (n,) logprob of each given token (None: hidden states only were asked)
+    last_logprobs: torch.Tensor | None  # (V,) distribution after the last given token (or None)
     hidden: torch.Tensor | None  # (n, H) final-norm hidden state at each given token
 
 
