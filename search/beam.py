@@ -90,9 +90,21 @@ def propose_round(frontiers: list[Frontier], expand: int, proposer, meter: Meter
     """Each frontier's children: one batched proposal for all frontiers that ask the same fan-out."""
     wants = [f.fanout(expand) for f in frontiers]
     out: list[list[Branch]] = [[] for _ in frontiers]
-    for n in sorted({w for w in wants if w}, reverse=True):
+    groups = sorted({w for w in wants if w}, reverse=True)
+    counts = {n: n * sum(len(frontiers[i].beams) for i, w in enumerate(wants) if w == n) for n in groups}
+    # One call per fan-out: each call's share is computed for its own children only, so every call holds back
+    # the scoring of the children already drawn and the equal part (generation and scoring) of the calls
+    # after it; otherwise the first calls spend what the round needs and a later child cannot be scored
+    # (REBASE's uneven fan-outs ran out so: BudgetExceeded).
+    share = meter.generation_share(sum(counts.values()))
+    fixed, per_token = meter.verifier_cost
+    drawn_scoring = 0.0
+    for g, n in enumerate(groups):
+        later = sum(counts[m] for m in groups[g + 1:]) * (fixed + share * (1.0 + per_token))
         members = [i for i, w in enumerate(wants) if w == n]
-        children = proposer.propose([b for i in members for b in frontiers[i].beams], n, meter)
+        with meter.reserving(0 if share >= 1 << 30 else later + drawn_scoring):
+            children = proposer.propose([b for i in members for b in frontiers[i].beams], n, meter)
+        drawn_scoring += sum(fixed + per_token * len(c.steps[-1].token_ids) for c in children)
         # A parent may stand in several frontiers (DVTS's root): its children are dealt out n at a time.
         by_parent: dict[int, list[Branch]] = {}
         for c in children:

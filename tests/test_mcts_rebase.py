@@ -283,6 +283,30 @@ def test_rebase_gives_each_node_its_share_of_children_and_prunes_those_given_non
     assert not proposer.live
 
 
+class GreedyForShares(ScriptedProposer):
+    """Takes every token a proposal's share allows (as the engine's limits do), one step per child."""
+
+    def propose(self, branches, n, meter, to_end=False):
+        live = [b for b in branches if not b.finished]
+        share = meter.generation_share(len(live) * n)
+        children = super().propose(branches, n, meter, to_end)
+        meter.ledger.charge_generated((share - STEP_TOKENS) * len(children))
+        return children
+
+
+def test_uneven_fan_outs_leave_room_to_score_every_child_of_the_round():
+    from ttc.search.beam import Frontier, propose_round
+
+    proposer, meter = GreedyForShares(depth=3), Meter(Budget(tokens=1000))
+    meter.verifier_cost = (25.0, 0.0)  # a probe's question per scored child
+    roots = [proposer.start(PROBLEM, meter) for _ in range(3)]
+    frontiers = [Frontier([roots[0]], 5), Frontier([roots[1]], 2), Frontier([roots[2]], 1)]  # REBASE's shares
+    children = propose_round(frontiers, 1, proposer, meter)
+    assert [len(c) for c in children] == [5, 2, 1]
+    assert meter.can_afford(25 * 8)  # before the fix the 5-child call took the scoring of the other 3
+    assert meter.reserved == 0
+
+
 def test_rebase_answers_by_weighted_vote_when_asked():
     # three children of [0] ([0][0..2], answer "3", 0.1 each) against one "7" scored 1.0: 0.3 < 1.0
     result, _, _ = run(Rebase(n=4, temperature=1.0, max_depth=3, weighted=True))

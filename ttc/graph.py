@@ -10,6 +10,7 @@ verifier code never look inside it: they talk to a Proposer and to the capabilit
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import zlib
@@ -120,11 +121,22 @@ class Meter:
         # What scoring one new branch will cost: fixed tokens per branch plus tokens per generated
         # token. Strategies set it from their verifier so proposals leave room for the scoring.
         self.verifier_cost: tuple[float, float] = (0.0, 0.0)
+        self.reserved = 0.0  # tokens held back for work already promised (see `reserving`)
 
     def affordable_tokens(self) -> float:
         if not self.budget.can_afford(self.ledger):
             return 0
-        return self.budget.remaining_tokens(self.ledger)
+        return max(0.0, self.budget.remaining_tokens(self.ledger) - self.reserved)
+
+    @contextlib.contextmanager
+    def reserving(self, tokens: float):
+        """Hold `tokens` back from `affordable_tokens` (and so from generation shares) inside the block: a
+        strategy that proposes in several calls keeps what the later calls' children will need."""
+        self.reserved += tokens
+        try:
+            yield self
+        finally:
+            self.reserved -= tokens
 
     def generation_share(self, children: int) -> int:
         """Tokens each of `children` new branches may generate, leaving room to verify them all."""
