@@ -21,14 +21,14 @@ from ttc.evals import metrics
 from ttc.evals.build import build_dataset, eval_split
 from ttc.evals.results import OutputFolder
 
-__all__ = ["regrade_run", "main"]
+__all__ = ["regrade_run", "config_node", "main"]
 
 
 def regrade_run(path: str | Path, workers: int = 2) -> dict:
     """{"recorded": metrics, "regraded": metrics, "changed": [(id, what, recorded, regraded), ...]}."""
     folder = OutputFolder(path)
     info = json.loads((Path(path) / "run.json").read_text())
-    dataset = build_dataset(eval_split(_node(info["config"], "dataset")))
+    dataset = build_dataset(eval_split(config_node(info["config"], "dataset")))
     problems = {p.id: p for p in dataset.problems}
     records = list(folder.results.load(repair=False).values())
 
@@ -51,7 +51,7 @@ def regrade_run(path: str | Path, workers: int = 2) -> dict:
     return {"recorded": _metrics(records), "regraded": _metrics(regraded), "changed": changed}
 
 
-def _node(flat: dict, name: str) -> dict:
+def config_node(flat: dict, name: str) -> dict:
     """run.json keeps the config flattened ("dataset.options.min_terms": 2): one node of it, nested again."""
     node: dict = {}
     for key, value in flat.items():

@@ -173,10 +173,14 @@ def _record(problem: Problem, result: Result | None, dataset: Dataset, ledger: L
 
 
 def graded_tree(tree: dict, problem: Problem, dataset: Dataset) -> dict:
-    """The search tree with every node that holds a whole solution graded (`correct`), for
+    """The search tree with every node that holds a whole solution given its `answer` and grade (`correct`), for
     ttc.evals.tree_report: which strategy found a right answer somewhere in its tree, and which picked it."""
-    nodes = [{**node, "correct": dataset.grade_text(problem, node["solution"])} if "solution" in node else node
-             for node in tree.get("nodes", [])]
+    nodes = []
+    for node in tree.get("nodes", []):
+        if "solution" in node:
+            answer = dataset.extract(node["solution"])
+            node = {**node, "answer": answer, "correct": dataset.grade(problem, answer)}
+        nodes.append(node)
     return {**tree, "nodes": nodes}
 
 

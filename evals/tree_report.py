@@ -12,6 +12,8 @@ the paired difference against the first run on the problems both solved, compute
   used what the search found);
 - best-scored right: the share of problems whose best-scored solution in the whole tree is right (what
   taking the verifier's argmax over everything the search finished would give);
+- vote right: the share of problems whose majority answer over the tree's solutions is right (what
+  self-consistency over everything the search finished would give);
 - AUC: the verifier's score of whole solutions against their grade, pooled over problems and the mean
   within a problem (over problems with both right and wrong solutions: what selection needs);
 - pruned: the share of the tree's generated tokens in steps the search threw away.
@@ -26,14 +28,18 @@ import html
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ttc.budget import Ledger
+from ttc.evals.build import build_dataset, eval_split
 from ttc.evals.panel_report import paired_difference, wilson
-from ttc.evals.results import RESULTS, SUMMARY, ResultsFile
+from ttc.evals.regrade import config_node
+from ttc.evals.results import RESULTS, RUN_INFO, SUMMARY, ResultsFile
 from ttc.tree_view import tree_svg
 from ttc.verifiers.probe import roc_auc
+from ttc.verifiers.vote import vote
 
 __all__ = ["load_trees", "tree_stats", "report", "draw", "main"]
 
@@ -52,8 +58,9 @@ def _solutions(record: dict) -> list[dict]:
     return [n for n in (record.get("tree") or {}).get("nodes", []) if "solution" in n]
 
 
-def tree_stats(records: list[dict]) -> dict:
-    """The run's accuracy, tokens and tree statistics (see the module docstring); `by_id`: problem -> right."""
+def tree_stats(records: list[dict], extract: Callable[[str], str | None] | None = None) -> dict:
+    """The run's accuracy, tokens and tree statistics (see the module docstring); `by_id`: problem -> right.
+    `extract`: the dataset's answer extraction, for solutions recorded without their answer."""
     with_tree = [r for r in records if "tree" in r]
     solutions = [_solutions(r) for r in with_tree]
     found = [any(n.get("correct") for n in s) for s in solutions]
@@ -62,6 +69,7 @@ def tree_stats(records: list[dict]) -> dict:
     within = [_auc(pairs) for pairs in scored]
     within = [a for a in within if not math.isnan(a)]
     best = [max(pairs, key=lambda p: p[0])[1] for pairs in scored if pairs]
+    votes = [_vote_right(s, extract) for s in solutions]
     nodes = [(r.get("tree") or {}).get("nodes", []) for r in with_tree]
     step_tokens = sum(n.get("tokens", 0) for ns in nodes for n in ns)
     pruned_tokens = sum(n.get("tokens", 0) for ns in nodes for n in ns if n.get("status") == "pruned")
@@ -77,7 +85,27 @@ def tree_stats(records: list[dict]) -> dict:
         "auc": _auc([p for pairs in scored for p in pairs]),
         "auc_within": sum(within) / len(within) if within else math.nan,
         "best_scored": sum(best) / count, "pruned": pruned_tokens / step_tokens if step_tokens else 0.0,
+        "vote": (sum(v for v in votes if v is not None) / count) if all(v is not None for v in votes) else math.nan,
     }
+
+
+def _vote_right(solutions: list[dict], extract) -> bool | None:
+    """Whether the majority answer over the tree's solutions is right (ties: the first found); None when a
+    solution has no recorded answer and no `extract` is given."""
+    if not solutions:
+        return False
+    if any("answer" not in n for n in solutions) and extract is None:
+        return None
+    answers = [n["answer"] if "answer" in n else extract(n["solution"]) for n in solutions]
+    winner = vote(answers).winner
+    return winner is not None and bool(solutions[winner].get("correct"))
+
+
+def dataset_extractor(folder: str | Path) -> Callable[[str], str | None]:
+    """The answer extraction of the dataset a run was made on (rebuilt from its run.json, as
+    ttc.evals.regrade does), for records made before trees kept each solution's answer."""
+    info = json.loads((Path(folder) / RUN_INFO).read_text())
+    return build_dataset(eval_split(config_node(info["config"], "dataset"))).extract
 
 
 def _has_score(node: dict) -> bool:
@@ -98,12 +126,13 @@ def _label(folder: str | Path) -> str:
     return f"{Path(folder).name} ({label})" if label else Path(folder).name
 
 
-def report(folders: list[str]) -> str:
-    """A markdown table, one row per run; differences are paired against the first run."""
-    stats = [tree_stats(load_trees(f)) for f in folders]
+def report(folders: list[str], extract_answers: bool = False) -> str:
+    """A markdown table, one row per run; differences are paired against the first run. `extract_answers`:
+    rebuild each run's dataset to extract the answers of solutions recorded without one (the vote column)."""
+    stats = [tree_stats(load_trees(f), dataset_extractor(f) if extract_answers else None) for f in folders]
     base = stats[0]["by_id"]
     head = ("| run | accuracy (95% CI) | vs first (paired 95% CI) | tokens | nodes | solutions | depth | found "
-            "| picked | best-scored right | AUC pooled / within | pruned |")
+            "| picked | best-scored right | vote right | AUC pooled / within | pruned |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for folder, s in zip(folders, stats):
         low, high = wilson(s["correct"], s["problems"])
@@ -112,7 +141,8 @@ def report(folders: list[str]) -> str:
             f"| {_label(folder)} | {s['correct'] / max(1, s['problems']):.0%} ({s['correct']}/{s['problems']}; "
             f"{low:.0%}-{high:.0%}) | {100 * mean:+.0f} ({100 * dlow:+.0f} to {100 * dhigh:+.0f}) "
             f"| {s['tokens']:.0f} | {s['nodes']:.1f} | {s['solutions']:.1f} | {s['depth']:.1f} | {s['found']:.0%} "
-            f"| {_percent(s['picked'])} | {s['best_scored']:.0%} | {_number(s['auc'])} / {_number(s['auc_within'])} "
+            f"| {_percent(s['picked'])} | {s['best_scored']:.0%} | {_percent(s['vote'])} "
+            f"| {_number(s['auc'])} / {_number(s['auc_within'])} "
             f"| {s['pruned']:.0%} |")
     return "\n".join(lines)
 
@@ -128,10 +158,12 @@ def _number(x: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders made with record_trees=true; the first is the baseline")
+    parser.add_argument("--extract-answers", action="store_true",
+                        help="rebuild each run's dataset to extract answers its trees did not record (the vote column)")
     parser.add_argument("--draw", metavar="PROBLEM_ID", help="also draw each run's tree of this problem")
     parser.add_argument("--out", default=".", help="the folder for the drawings (<run>-<problem>.html)")
     args = parser.parse_args(argv)
-    print(report(args.runs))
+    print(report(args.runs, args.extract_answers))
     if args.draw:
         for path in draw(args.runs, args.draw, args.out):
             print(f"tree: {path}")

@@ -49,6 +49,19 @@ def test_tree_stats_count_found_picked_pruned_and_the_leaf_auc_exactly():
     assert stats["best_scored"] == pytest.approx(1 / 3)  # a's best (0.9) is right; b's best (0.6) is wrong
 
 
+def test_the_vote_column_takes_the_majority_answer_of_each_trees_solutions():
+    def solution(i, answer, correct):
+        return {**_node(i, 0, 1, 10, "final", f"The answer is {answer}.", correct, 0.5), "answer": answer}
+
+    records = [_record("a", False, [_node(0, None, 0, 0, "root"), solution(1, "4", False), solution(2, "5", True),
+                                    solution(3, "5", True)]),
+               _record("b", False, [_node(0, None, 0, 0, "root"), solution(1, "4", False), solution(2, "5", True)])]
+    assert tree_report.tree_stats(records)["vote"] == 0.5  # a: 5 wins 2-1; b: a tie goes to the first, 4
+    unanswered = [_record("a", False, [_node(0, None, 0, 0, "root"), _node(1, 0, 1, 10, "final", "x 5", True)])]
+    assert math.isnan(tree_report.tree_stats(unanswered)["vote"])  # no recorded answer, no extraction given
+    assert tree_report.tree_stats(unanswered, extract=lambda text: text.split()[-1])["vote"] == 1.0
+
+
 def test_a_tree_without_solutions_has_no_auc_and_no_picked_share():
     stats = tree_report.tree_stats([_record("c", False, [_node(0, None, 0, 0, "root")])])
     assert stats["found"] == 0 and math.isnan(stats["picked"]) and math.isnan(stats["auc"])
@@ -72,9 +85,11 @@ def test_record_trees_keeps_each_graded_tree_and_the_report_compares_runs(tiny_l
         assert len(records) == 3
         for r in records:
             solutions = [n for n in r["tree"]["nodes"] if "solution" in n]
-            assert solutions and all(isinstance(n["correct"], bool) for n in solutions)
+            assert solutions and all(isinstance(n["correct"], bool) and "answer" in n for n in solutions)
     table = tree_report.report([str(tmp_path / "beam"), str(tmp_path / "rebase")]).splitlines()
     assert len(table) == 4 and table[2].startswith("| beam (beam)") and "+0 (+0 to +0)" in table[2]
+    assert table == tree_report.report([str(tmp_path / "beam"), str(tmp_path / "rebase")],
+                                       extract_answers=True).splitlines()  # answers were recorded: the same
     assert table[3].startswith("| rebase (rebase)")
 
 
