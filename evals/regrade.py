@@ -19,16 +19,16 @@ from pathlib import Path
 
 from ttc.evals import metrics
 from ttc.evals.build import build_dataset, eval_split
-from ttc.evals.results import OutputFolder
+from ttc.evals.datasets import Dataset
+from ttc.evals.results import RUN_INFO, OutputFolder
 
-__all__ = ["regrade_run", "config_node", "main"]
+__all__ = ["regrade_run", "run_dataset", "main"]
 
 
 def regrade_run(path: str | Path, workers: int = 2) -> dict:
     """{"recorded": metrics, "regraded": metrics, "changed": [(id, what, recorded, regraded), ...]}."""
     folder = OutputFolder(path)
-    info = json.loads((Path(path) / "run.json").read_text())
-    dataset = build_dataset(eval_split(config_node(info["config"], "dataset")))
+    dataset = run_dataset(path)
     problems = {p.id: p for p in dataset.problems}
     records = list(folder.results.load(repair=False).values())
 
@@ -51,7 +51,13 @@ def regrade_run(path: str | Path, workers: int = 2) -> dict:
     return {"recorded": _metrics(records), "regraded": _metrics(regraded), "changed": changed}
 
 
-def config_node(flat: dict, name: str) -> dict:
+def run_dataset(path: str | Path) -> Dataset:
+    """The dataset a run was made on, rebuilt from its run.json (the same loader, extraction and grader)."""
+    info = json.loads((Path(path) / RUN_INFO).read_text())
+    return build_dataset(eval_split(_node(info["config"], "dataset")))
+
+
+def _node(flat: dict, name: str) -> dict:
     """run.json keeps the config flattened ("dataset.options.min_terms": 2): one node of it, nested again."""
     node: dict = {}
     for key, value in flat.items():

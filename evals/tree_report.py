@@ -33,10 +33,9 @@ from typing import Callable
 import torch
 
 from ttc.budget import Ledger
-from ttc.evals.build import build_dataset, eval_split
 from ttc.evals.panel_report import paired_difference, wilson
-from ttc.evals.regrade import config_node
-from ttc.evals.results import RESULTS, RUN_INFO, SUMMARY, ResultsFile
+from ttc.evals.regrade import run_dataset
+from ttc.evals.results import RESULTS, SUMMARY, ResultsFile
 from ttc.tree_view import tree_svg
 from ttc.verifiers.probe import roc_auc
 from ttc.verifiers.vote import vote
@@ -101,13 +100,6 @@ def _vote_right(solutions: list[dict], extract) -> bool | None:
     return winner is not None and bool(solutions[winner].get("correct"))
 
 
-def dataset_extractor(folder: str | Path) -> Callable[[str], str | None]:
-    """The answer extraction of the dataset a run was made on (rebuilt from its run.json, as
-    ttc.evals.regrade does), for records made before trees kept each solution's answer."""
-    info = json.loads((Path(folder) / RUN_INFO).read_text())
-    return build_dataset(eval_split(config_node(info["config"], "dataset"))).extract
-
-
 def _has_score(node: dict) -> bool:
     return node.get("score") is not None and not math.isnan(node["score"])
 
@@ -129,7 +121,7 @@ def _label(folder: str | Path) -> str:
 def report(folders: list[str], extract_answers: bool = False) -> str:
     """A markdown table, one row per run; differences are paired against the first run. `extract_answers`:
     rebuild each run's dataset to extract the answers of solutions recorded without one (the vote column)."""
-    stats = [tree_stats(load_trees(f), dataset_extractor(f) if extract_answers else None) for f in folders]
+    stats = [tree_stats(load_trees(f), run_dataset(f).extract if extract_answers else None) for f in folders]
     base = stats[0]["by_id"]
     head = ("| run | accuracy (95% CI) | vs first (paired 95% CI) | tokens | nodes | solutions | depth | found "
             "| picked | best-scored right | vote right | AUC pooled / within | pruned |")

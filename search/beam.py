@@ -91,7 +91,8 @@ def propose_round(frontiers: list[Frontier], expand: int, proposer, meter: Meter
     wants = [f.fanout(expand) for f in frontiers]
     out: list[list[Branch]] = [[] for _ in frontiers]
     groups = sorted({w for w in wants if w}, reverse=True)
-    counts = {n: n * sum(len(frontiers[i].beams) for i, w in enumerate(wants) if w == n) for n in groups}
+    members = {n: [i for i, w in enumerate(wants) if w == n] for n in groups}
+    counts = {n: n * sum(len(frontiers[i].beams) for i in members[n]) for n in groups}
     # One call per fan-out: each call's share is computed for its own children only, so every call holds back
     # the scoring of the children already drawn and the equal part (generation and scoring) of the calls
     # after it; otherwise the first calls spend what the round needs and a later child cannot be scored
@@ -101,15 +102,14 @@ def propose_round(frontiers: list[Frontier], expand: int, proposer, meter: Meter
     drawn_scoring = 0.0
     for g, n in enumerate(groups):
         later = sum(counts[m] for m in groups[g + 1:]) * (fixed + share * (1.0 + per_token))
-        members = [i for i, w in enumerate(wants) if w == n]
         with meter.reserving(0 if share >= 1 << 30 else later + drawn_scoring):
-            children = proposer.propose([b for i in members for b in frontiers[i].beams], n, meter)
+            children = proposer.propose([b for i in members[n] for b in frontiers[i].beams], n, meter)
         drawn_scoring += sum(fixed + per_token * len(c.steps[-1].token_ids) for c in children)
         # A parent may stand in several frontiers (DVTS's root): its children are dealt out n at a time.
         by_parent: dict[int, list[Branch]] = {}
         for c in children:
             by_parent.setdefault(c.parent.id, []).append(c)
-        for i in members:
+        for i in members[n]:
             for b in frontiers[i].beams:
                 mine = by_parent.get(b.id, [])
                 out[i].extend(mine[:n])
