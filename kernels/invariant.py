@@ -32,6 +32,7 @@ from .attention import DecodePlan, PrefillSeq
 
 LINEAR_ROWS = 64  # a linear never sees more rows than this in one library call
 KEY_CHUNK = 128  # keys per attention chunk; fixed for every row of every batch
+QUERY_ROWS = 8  # query rows per attention product; fixed for decode and prefill alike
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,12 +76,24 @@ def _chunk_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch
     """Softmax state of queries over one key chunk, in float32.
 
     q (N, Hkv, M, D), k and v (N, Hkv, C, D), valid broadcastable to (N, Hkv, M, C) -> o (N, Hkv, M, D),
-    lse (N, Hkv, M). Rows with no valid key get (0, -inf), which merges as an identity."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~valid, float("-inf"))
+    lse (N, Hkv, M). Rows with no valid key get (0, -inf), which merges as an identity. Both products run
+    on blocks of exactly QUERY_ROWS query rows (zero rows pad the last block), because a BLAS kernel may round
+    a product of a few rows differently from the same rows inside a taller one (seen on an AVX2 CPU for
+    fewer than 4 rows): so decode's G rows and a prompt's tq*G rows meet the same kernel shape."""
+    N, Hkv, M, D = q.shape
+    padded = -(-M // QUERY_ROWS) * QUERY_ROWS
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # (N, Hkv, M, X) -> (N, Hkv, padded / R, R, X), zero-padded
+        if padded > M:
+            x = torch.cat([x, x.new_zeros(N, Hkv, padded - M, x.shape[-1])], dim=2)
+        return x.view(N, Hkv, padded // QUERY_ROWS, QUERY_ROWS, x.shape[-1])
+
+    scores = torch.matmul(blocks(q.float()), k.float().transpose(-1, -2)[:, :, None]) * scale
+    scores = scores.view(N, Hkv, padded, -1)[:, :, :M].masked_fill(~valid, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
-    return torch.matmul(probs, v.float()), lse
+    o = torch.matmul(blocks(probs), v.float()[:, :, None])
+    return o.view(N, Hkv, padded, D)[:, :, :M], lse
 
 
 def _merge(o: torch.Tensor | None, lse: torch.Tensor | None, o_c: torch.Tensor, lse_c: torch.Tensor):

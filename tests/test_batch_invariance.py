@@ -119,12 +119,12 @@ def test_a_batch_invariant_eval_writes_the_same_texts_at_concurrency_1_and_8(tmp
 
     def texts(folder, concurrency):
         cfg = eval_config("model.batch_invariant=true", "model.kv_cache_gb=1", "dataset=reasoning_gym",
-                          "dataset.task=chain_sum", "dataset.size=12", "dataset.seed=77", "strategy=greedy",
-                          "proposer.max_tokens=160", "progress=false", f"concurrency={concurrency}")
+                          "dataset.task=chain_sum", "dataset.size=8", "dataset.seed=77", "strategy=greedy",
+                          "proposer.max_tokens=128", "progress=false", f"concurrency={concurrency}")
         run_eval(cfg, folder)
         rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
         return {r["id"]: (r["text"], r["candidates"]) for r in rows}
 
     one = texts(tmp_path / "one", 1)
     eight = texts(tmp_path / "eight", 8)
-    assert len(one) == 12 and eight == one
+    assert len(one) == 8 and eight == one
