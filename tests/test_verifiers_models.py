@@ -418,14 +418,14 @@ def test_self_eval_config_instantiates_with_the_policy_injected(tiny_model):
 
 @pytest.fixture(scope="module")
 def smollm():
-    return ttc.load("smollm2-135m")
+    return ttc.load("smollm2-135m", dtype="float32")  # the reference precision: the same on every CPU
 
 
 @pytest.mark.slow
-def test_embedded_model_self_evaluates_a_right_answer_above_a_wrong_one_within_budget(smollm):
-    # This test's pair since it was written, checked once when the comparison was added: the right answer gets
-    # P(yes) 0.533, the wrong one 0.472 (on CPU; the same when each is scored alone). Not picked among other pairs.
-    # A small margin, as expected of a 135M model, but a deterministic one, far above rounding differences.
+def test_embedded_model_self_eval_reads_p_yes_after_each_solution_from_its_reused_kv_within_budget(smollm):
+    # No claim that the right answer scores higher: on this pair it did in bfloat16 (P(yes) 0.533 against 0.472)
+    # and did not in float32 (0.512 against 0.499), and on 1,600 chain_sum samples self_eval's AUC is 0.37
+    # (docs/results.md: its P(yes) follows length). What must hold is the arithmetic and the accounting.
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     right = make_branch(smollm, prompt, ["2 + 3 = 5. The answer is 5."], finished=True, eos=True)
     wrong = make_branch(smollm, prompt, ["2 + 3 = 9. The answer is 9."], finished=True, eos=True)
@@ -433,8 +433,14 @@ def test_embedded_model_self_evaluates_a_right_answer_above_a_wrong_one_within_b
     verifier = SelfEvalVerifier(smollm)
     budget = ttc.Budget(tokens=int(2 * verifier.cost_per_branch))
     meter = Meter(budget)
-    right_score, wrong_score = verifier.score([right, wrong], meter)
-    assert 0.0 <= wrong_score < right_score <= 1.0
+    scores = verifier.score([right, wrong], meter)
+    for branch, score in zip((right, wrong), scores):  # the same as the question asked from scratch
+        full = smollm.engine.new_sequence(list(branch.handle.token_ids) + verifier.suffix_ids(branch))
+        smollm.engine.forward([full], cache_prefix=False)
+        expect = verifier.yes_probability(torch.log_softmax(full.logits, -1))
+        smollm.engine.release([full])
+        assert 0.0 < score < 1.0 and score == pytest.approx(expect, abs=1e-4)
+    assert abs(scores[0] - scores[1]) > 1e-3  # the score reads the solution, not only the question
     # only the two questions are computed: the solutions' KV is reused, nothing is generated
     asked = len(verifier.suffix_ids(right)) + len(verifier.suffix_ids(wrong))
     assert meter.ledger.verifier_tokens == meter.ledger.total_tokens == asked <= budget.tokens
