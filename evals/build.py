@@ -312,8 +312,10 @@ def _fit_difficulty_table(cfg: dict, model, allocator, pool, verifier, train: di
         training, proposer_factory(cfg["proposer"], model, int(cfg.get("seed", 0)), problems.extract),
         problems.grade, verifier=verifier,
         tokens_per_problem=int(train.get("tokens_per_problem") or pool.total // pool.problems),
-        first_pass=allocator.first_pass, round_size=allocator.round_size, max_samples=allocator.max_samples,
-        options=train.get("options"), objective=OBJECTIVES[objective], concurrency=pool.concurrency)
+        options=train.get("options"), objective=OBJECTIVES[objective], concurrency=pool.concurrency,
+        # the trials run the allocator the run will use, but for its table
+        **{name: getattr(allocator, name) for name in ("first_pass", "round_size", "max_samples", "confidence",
+                                                       "easy_score", "hopeless_score", "weighted")})
     log.info("difficulty table fitted on %d training problems: %s", len(training), allocator.table)
     return fit_table.last_ledger
 

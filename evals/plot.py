@@ -5,6 +5,9 @@
 Reads every summary.json under the given run or sweep folders, draws accuracy against mean computed
 tokens per problem (`--x mean_flops` for FLOPs), one line per strategy (and verifier), and prints
 the points as a table (`--markdown`: a Markdown table for reports, tokens relative to the greedy run).
+
+A run's training work (a fitted difficulty table, a probe: summary.json's `training`) is its cost too: the
+token axis and the table charge it, spread over the run's problems (`--without-training` leaves it out).
 """
 
 from __future__ import annotations
@@ -42,6 +45,21 @@ def find_summaries(paths: list[str | Path]) -> list[dict]:
     return summaries
 
 
+def training_tokens(summary: dict) -> int:
+    """The tokens the run's trained parts cost (0 for a run that trained nothing)."""
+    return int((summary.get("training") or {}).get("total_tokens") or 0)
+
+
+def tokens_with_training(summary: dict) -> float:
+    """Computed tokens per problem with the run's training tokens spread over its problems."""
+    return float(summary["mean_tokens"]) + training_tokens(summary) / max(int(summary["problems"]), 1)
+
+
+def with_training(summaries: list[dict]) -> list[dict]:
+    """The summaries with `mean_tokens` charged their training (tokens_with_training)."""
+    return [{**s, "mean_tokens": tokens_with_training(s)} for s in summaries]
+
+
 def points_table(summaries: list[dict], x: str = "mean_tokens") -> str:
     rows = [("label", "n", x, "accuracy", "problems", "folder")]
     for s in sorted(summaries, key=lambda s: (str(s.get("label")), float(s[x]))):
@@ -68,23 +86,29 @@ def _allocation_label(s: dict) -> str:
 
 
 def markdown_table(summaries: list[dict]) -> str:
-    """One row per run: accuracy, computed tokens per problem (and x the greedy run's, if there is one),
-    and the best-of-k ceilings pass@k / maj@k at the largest k the run's samples allow."""
+    """One row per run: accuracy, computed tokens per problem, the run's training tokens (a fitted table, a
+    probe) and the two together per problem (and that x the greedy run's, if there is one), and the best-of-k
+    ceilings pass@k / maj@k at the largest k the run's samples allow. Sorted by tokens with training."""
     greedy = next((s for s in summaries if s.get("strategy") == "greedy"), None)
-    rows = ["| run | accuracy | tokens / problem | x greedy | pass@k | maj@k |", "|---|---|---|---|---|---|"]
-    for s in sorted(summaries, key=lambda s: float(s["mean_tokens"])):
-        ratio = f"{s['mean_tokens'] / greedy['mean_tokens']:.1f}" if greedy and greedy["mean_tokens"] else "-"
+    rows = ["| run | accuracy | tokens / problem | training tokens | with training / problem | x greedy | pass@k "
+            "| maj@k |", "|---|---|---|---|---|---|---|---|"]
+    greedy_tokens = tokens_with_training(greedy) if greedy else 0.0
+    for s in sorted(summaries, key=tokens_with_training):
+        total = tokens_with_training(s)
+        ratio = f"{total / greedy_tokens:.1f}" if greedy_tokens else "-"
         ceilings = []
         for metric in ("pass@k", "maj@k") if not s.get("allocation") else ():  # samples vary per problem there
             values = s.get(metric) or {}
             k = max(values, key=int, default=None)
             ceilings.append(f"{values[k]:.2f} (k={k})" if k is not None and int(k) > 1 else "-")
         rows.append(f"| {_run_name(s)} | {s['accuracy']:.2f} ({s['correct']}/{s['problems']}) | "
-                    f"{s['mean_tokens']:.0f} | {ratio} | {' | '.join(ceilings or ['-', '-'])} |")
+                    f"{s['mean_tokens']:.0f} | {training_tokens(s) or '-'} | {total:.0f} | {ratio} | "
+                    f"{' | '.join(ceilings or ['-', '-'])} |")
     return "\n".join(rows)
 
 
-def plot(summaries: list[dict], out: str | Path, x: str = "mean_tokens", title: str | None = None) -> Path:
+def plot(summaries: list[dict], out: str | Path, x: str = "mean_tokens", title: str | None = None,
+         xlabel: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +125,7 @@ def plot(summaries: list[dict], out: str | Path, x: str = "mean_tokens", title: 
         ax.plot(xs, ys, marker="o", label=label)
     if any(float(s[x]) > 0 for s in summaries):
         ax.set_xscale("log")
-    ax.set_xlabel(X_LABELS.get(x, x))
+    ax.set_xlabel(xlabel or X_LABELS.get(x, x))
     ax.set_ylabel("accuracy")
     ax.set_title(title or ", ".join(datasets))
     ax.grid(True, alpha=0.3)
@@ -121,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--x", default="mean_tokens", choices=sorted(X_LABELS), help="the compute axis")
     ap.add_argument("--title", default=None)
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table (and still plot)")
+    ap.add_argument("--without-training", action="store_true",
+                    help="plot and list tokens without the runs' training work (the Markdown table shows both)")
     args = ap.parse_args(argv)
     try:
         summaries = find_summaries(args.runs)
@@ -130,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     if not summaries:
         print(f"error: no {SUMMARY} under {' '.join(args.runs)}", file=sys.stderr)
         return 2
-    print(markdown_table(summaries) if args.markdown else points_table(summaries, args.x))
-    print(f"wrote {plot(summaries, args.out, args.x, args.title)}")
+    charged = summaries if args.without_training else with_training(summaries)
+    print(markdown_table(summaries) if args.markdown else points_table(charged, args.x))
+    trained = not args.without_training and any(training_tokens(s) for s in summaries)
+    xlabel = X_LABELS.get(args.x, args.x) + (", training included" if trained and args.x == "mean_tokens" else "")
+    print(f"wrote {plot(charged, args.out, args.x, args.title, xlabel)}")
     return 0
 
 

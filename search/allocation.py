@@ -321,7 +321,8 @@ class Difficulty(_Allocator):
     The band's table entry {"strategy", "cap_factor"} says how to go on: the cap becomes
     min(fair share x cap_factor, what is left) (0: answer now), and rounds of `round_size` samples
     continue with adaptive stopping; "self_consistency" answers by the vote, "best_of_n" by the
-    verifier's best score (the vote without a verifier). `table` defaults to DEFAULT_TABLE;
+    verifier's best score (the vote without a verifier); with `weighted` and a verifier, "self_consistency"
+    answers by the score-weighted vote instead (AdaptiveStop's `weighted`). `table` defaults to DEFAULT_TABLE;
     `train` ({"problems": 16, "tokens_per_problem": null}) asks the eval runner to fit the table on the
     dataset's training split (never the evaluated problems) with `fit_table` before the run.
     """
@@ -333,6 +334,7 @@ class Difficulty(_Allocator):
     confidence: float | None = None
     easy_score: float = 0.5
     hopeless_score: float = 0.3
+    weighted: bool = False
     train: dict | None = None
     name = "difficulty"
     last_band: str | None = field(default=None, init=False, repr=False)
@@ -394,8 +396,9 @@ class Difficulty(_Allocator):
                     why = _sample_rounds(proposer, root, meter, bound, samples, answers, scores, self.round_size,
                                          self.max_samples, self.confidence, tree, rounds_done=1)
                 tree.history.append({"stopped": why})
+                by_score = entry["strategy"] == "best_of_n" and bound is not None
                 return _decide(self.name, problem, proposer, meter, tree, samples, answers, scores,
-                               by_score=entry["strategy"] == "best_of_n" and bound is not None)
+                               by_score=by_score, weighted=self.weighted and not by_score)
             finally:
                 proposer.release([root, *samples])
 

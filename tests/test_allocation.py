@@ -126,6 +126,15 @@ def test_adaptive_stop_with_a_verifier_stops_at_a_verified_sample_and_answers_by
     assert fake.drawn == 4 and result.answer == "3"  # without verified/weighted the verifier changes nothing
 
 
+def test_difficulty_with_weighted_answers_its_vote_bands_by_the_score_weighted_vote():
+    answer_now = {b: {"strategy": "self_consistency", "cap_factor": 0.0} for b in ("easy", "medium", "hopeless")}
+    for weighted, expected in ((False, "3"), (True, "5")):  # three "3"s at 0.2 each against one "5" at 1.0
+        fake = FakeProposer({"p": ["3", "3", "3", "5"]})
+        d = Difficulty(first_pass=4, table=answer_now, weighted=weighted)
+        result, _ = d.solve(problem("p"), fake, AnswerIsFive(), None, Pool(10_000, 1))
+        assert d.last_band == "medium" and fake.drawn == 4 and result.answer == expected
+
+
 def test_uniform_gives_every_problem_the_same_share_and_passes_nothing_on():
     fake = FakeProposer({p: ["4"] for p in "abc"})
     pool, seen = Pool(total=300, problems=3), []

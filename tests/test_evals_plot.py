@@ -47,5 +47,27 @@ def test_the_markdown_table_puts_tokens_next_to_greedys_and_the_largest_k_ceilin
            "correct": 5, "problems": 10, "pass@k": {"1": 0.2, "16": 0.6}, "maj@k": {"1": 0.2, "16": 0.3},
            "strategy_config": {"n": 16, "weighted": True}}
     lines = markdown_table([bon, greedy]).splitlines()
-    assert lines[2] == "| greedy | 0.20 (2/10) | 100 | 1.0 | - | - |"
-    assert lines[3] == "| best_of_n+calculator n=16 weighted=True | 0.50 (5/10) | 1600 | 16.0 | 0.60 (k=16) | 0.30 (k=16) |"
+    assert lines[2] == "| greedy | 0.20 (2/10) | 100 | - | 100 | 1.0 | - | - |"
+    assert lines[3] == ("| best_of_n+calculator n=16 weighted=True | 0.50 (5/10) | 1600 | - | 1600 | 16.0 | 0.60 (k=16) "
+                        "| 0.30 (k=16) |")
+
+
+def test_a_runs_training_tokens_are_charged_to_its_problems_in_the_table_and_the_plotted_points(tmp_path, capsys):
+    from ttc.evals.plot import markdown_table
+
+    greedy = {"label": "greedy", "strategy": "greedy", "mean_tokens": 100.0, "accuracy": 0.2, "correct": 2,
+              "problems": 10}
+    fitted = {"label": "difficulty", "strategy": "self_consistency", "allocation": "difficulty", "budget_tokens": 300,
+              "mean_tokens": 250.0, "accuracy": 0.3, "correct": 3, "problems": 10,
+              "training": {"difficulty_table": {}, "total_tokens": 1000}}
+    lines = markdown_table([fitted, greedy]).splitlines()
+    assert lines[3] == "| difficulty budget 300/problem | 0.30 (3/10) | 250 | 1000 | 350 | 3.5 | - | - |"
+    for name, s in (("greedy", greedy), ("difficulty", fitted)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    assert main([str(tmp_path), "--out", str(tmp_path / "a.png")]) == 0
+    points = {line.split()[0]: float(line.split()[-4]) for line in capsys.readouterr().out.splitlines()[1:3]}
+    assert points == {"difficulty": 350.0, "greedy": 100.0}
+    assert main([str(tmp_path), "--out", str(tmp_path / "b.png"), "--without-training"]) == 0
+    points = {line.split()[0]: float(line.split()[-4]) for line in capsys.readouterr().out.splitlines()[1:3]}
+    assert points == {"difficulty": 250.0, "greedy": 100.0}
