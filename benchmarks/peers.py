@@ -55,13 +55,15 @@ def vllm_env() -> dict:
 
 @contextlib.contextmanager
 def vllm_server(python: str, folder: str | os.PathLike, port: int, served_name: str = "smollm2",
-                startup_s: float = 600.0, log: str | os.PathLike | None = None):
-    """A vLLM OpenAI server on 127.0.0.1:port serving `folder`; yields its base URL (…/v1), stops it after."""
+                startup_s: float = 600.0, log: str | os.PathLike | None = None, eager: bool = False):
+    """A vLLM OpenAI server on 127.0.0.1:port serving `folder`; yields its base URL (…/v1), stops it after.
+    eager: --enforce-eager, no torch.compile of the model (tests: it saves ~2 minutes of start-up on a 2-core
+    CPU; benchmarks keep the compiled model a user would run)."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
            served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
            # CPU backend: this fraction of RAM is reserved (despite the flag's name); 2 GiB of KV is plenty
            "--gpu-memory-utilization", "0.25",
-           "--no-enable-log-requests"]
+           "--no-enable-log-requests"] + (["--enforce-eager"] if eager else [])
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=vllm_env(), stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

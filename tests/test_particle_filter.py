@@ -377,7 +377,7 @@ class MeanLogprobVerifier:
 def test_particle_filter_on_gsm8k_holds_its_budget_and_answers_with_its_heaviest_particle(smollm):
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
     require_data(path)
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:2]]
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:1]]
     for i, row in enumerate(rows):
         problem = Problem(id=f"gsm8k-{i}", prompt=[{"role": "user", "content": row["question"]}])
         proposer = LocalProposer(smollm, answer_fn=extract_answer, max_tokens=200, max_step_tokens=64, temperature=0.8, seed=0)

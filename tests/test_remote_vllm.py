@@ -52,7 +52,7 @@ def vllm_url(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    with vllm_server(python, folder, port, served_name=SERVED, log=log) as url:
+    with vllm_server(python, folder, port, served_name=SERVED, log=log, eager=True) as url:
         yield url
 
 

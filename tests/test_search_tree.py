@@ -485,7 +485,7 @@ def embedded():
     import torch
 
     threads = torch.get_num_threads()
-    yield ttc.load("smollm2-135m", threads=1)  # one thread: steady on shared cores, and fast enough here
+    yield ttc.load("smollm2-135m", threads=2)  # both cores: the CI machine runs nothing else
     torch.set_num_threads(threads)
 
 
@@ -497,12 +497,13 @@ class MeanLogprobVerifier:
                 for b in branches]
 
 
-def _solve_two_gsm8k_problems(embedded, strategy, **proposer_kwargs):
-    """Yield (problem, meter, result) for the first two GSM8K test problems under a 1500-token budget."""
+def _solve_gsm8k(embedded, strategy, **proposer_kwargs):
+    """Yield (problem, meter, result) for the first GSM8K test problem under a 1500-token budget (one problem:
+    the eight tests below take ~4 minutes of CI on a 2-core AVX2 CPU in float32 even so)."""
     from ttc.backends.local import LocalProposer
 
     require_data(GSM8K)
-    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:2]]
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:1]]
     for i, row in enumerate(rows):
         embedded.engine.clear_prefix_cache()
         problem = Problem(id=f"gsm8k-{i}", prompt=[{"role": "user", "content": row["question"]}])
@@ -535,8 +536,8 @@ def _check_the_chosen_solution(meter, result) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", [Beam(n=4, expand=4), DVTS(n=8, subtrees=4, expand=2),
                                       AStar(n=8), ETS(n=4, expand=4)], ids=["beam", "dvts", "astar", "ets"])
-def test_each_search_solves_gsm8k_problems_on_the_embedded_model_within_budget(embedded, strategy):
-    for problem, meter, result in _solve_two_gsm8k_problems(embedded, strategy, max_step_tokens=64, max_tokens=200):
+def test_each_search_solves_a_gsm8k_problem_on_the_embedded_model_within_budget(embedded, strategy):
+    for problem, meter, result in _solve_gsm8k(embedded, strategy, max_step_tokens=64, max_tokens=200):
         assert meter.ledger.total_tokens <= 1500
         assert pool_is_back(embedded.engine)
         assert result.score is not None and 0.0 <= result.score <= 1.0
@@ -554,8 +555,8 @@ def test_each_search_solves_gsm8k_problems_on_the_embedded_model_within_budget(e
 @pytest.mark.parametrize("strategy", [BestOfN(n=4), BestOfN(n=4, weighted=True), SelfConsistency(n=4),
                                       GreedyDecoding()], ids=["best_of_n", "weighted_best_of_n",
                                                               "self_consistency", "greedy"])
-def test_each_sampling_strategy_solves_gsm8k_problems_on_the_embedded_model_within_budget(embedded, strategy):
-    for problem, meter, result in _solve_two_gsm8k_problems(embedded, strategy, max_tokens=160):
+def test_each_sampling_strategy_solves_a_gsm8k_problem_on_the_embedded_model_within_budget(embedded, strategy):
+    for problem, meter, result in _solve_gsm8k(embedded, strategy, max_tokens=160):
         assert meter.ledger.total_tokens <= 1500
         assert meter.ledger.prefill_tokens == len(embedded.tokenizer.encode_prompt(problem.prompt))  # prompt once
         assert pool_is_back(embedded.engine)
