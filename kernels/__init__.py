@@ -26,14 +26,14 @@ import importlib
 
 import torch
 
-from .attention import (DecodePlan, PrefillSeq, SharedSegment, decode_attention as decode_attention_reference,
+from .attention import (DecodePlan, GatherWorkspace, PrefillSeq, SharedSegment, decode_attention as decode_attention_reference,
                         decode_attention_naive, merge_states, plan_decode,
                         prefill_attention as prefill_attention_reference)
 from .norm import rms_norm_cpu, rms_norm_reference
 from .rotary import apply_rotary_reference, apply_rotary_tables, rotary_tables
 from .sampling import sample_reference
 
-__all__ = ["DecodePlan", "PrefillSeq", "SharedSegment", "plan_decode", "merge_states", "decode_attention",
+__all__ = ["DecodePlan", "GatherWorkspace", "PrefillSeq", "SharedSegment", "plan_decode", "merge_states", "decode_attention",
            "decode_attention_naive", "prefill_attention", "rms_norm", "apply_rotary", "rotary_tables", "sample", "reference",
            "uses_triton", "has_triton"]
 

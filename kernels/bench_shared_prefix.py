@@ -1,10 +1,15 @@
 """CPU benchmark: cascade (shared-prefix) decode attention against plain per-branch attention.
 
-Workload: 64 branches sharing a 512-token prefix, 32 own tokens each, SmolLM2-135M attention shapes
-(9 query heads, 3 kv heads, head dim 64), one decode step of one layer, in bfloat16 and float32.
+Workloads, SmolLM2-135M attention shapes (9 query heads, 3 kv heads, head dim 64), one decode step of
+one layer, in bfloat16 and float32:
+- `tree` (default): 64 branches sharing a 512-token prefix, 32 own tokens each;
+- `eval`: a batched sampling eval, 8 problems x 16 samples, each problem's 150-220-token prompt shared by
+  its samples, each sample 1-384 tokens into its answer. Here the private parts differ in length, so the
+  table adds the engine's cascade as it was before private parts were bucketed by length and gathered into
+  kept buffers (one padded gather into fresh tensors).
 The plan is built once per step and reused by every layer, so it is timed apart.
 
-    python -m ttc.kernels.bench_shared_prefix [--reps 30] [--threads 1,2] [--record]
+    python -m ttc.kernels.bench_shared_prefix [--workload tree|eval] [--reps 30] [--threads 1,2] [--record]
 
 --record appends the table, with the date and the machine, to docs/benchmarks.md ("## Kernels (CPU)").
 """
@@ -12,9 +17,11 @@ The plan is built once per step and reused by every layer, so it is timed apart.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import decode_attention, decode_attention_naive, plan_decode
+from .attention import GatherWorkspace, decode_attention, decode_attention_naive, plan_decode
 
 BRANCHES, PREFIX, OWN, BLOCK, HQ, HKV, D = 64, 512, 32, 16, 9, 3, 64
 
@@ -57,11 +64,35 @@ def _workload():
     return tables, [PREFIX + OWN] * BRANCHES, (nb + own * BRANCHES) * BLOCK
 
 
-def run(reps: int, threads: list[int]) -> list[str]:
-    tables, lengths, slots = _workload()
-    plan = plan_decode(tables, lengths, BLOCK)
-    rows = ["| dtype | threads | cascade reference | per-branch naive twin | per-branch SDPA | naive / cascade "
-            "| SDPA / cascade |", "| --- | --- | --- | --- | --- | --- | --- |"]
+EVAL_PROBLEMS, EVAL_SAMPLES, EVAL_PROMPT, EVAL_OWN = 8, 16, (150, 220), (1, 384)
+
+
+def _eval_workload(seed: int = 0):
+    """Block tables of a batched sampling eval: each problem's full prompt blocks shared by its samples."""
+    rng = random.Random(seed)
+    tables, lengths, next_block = [], [], 0
+    for _ in range(EVAL_PROBLEMS):
+        prompt = rng.randint(*EVAL_PROMPT)
+        shared = list(range(next_block, next_block + prompt // BLOCK))
+        next_block += len(shared)
+        for _ in range(EVAL_SAMPLES):
+            total = prompt + rng.randint(*EVAL_OWN)
+            own = -(-total // BLOCK) - len(shared)
+            tables.append(shared + list(range(next_block, next_block + own)))
+            next_block += own
+            lengths.append(total)
+    return tables, lengths, next_block * BLOCK
+
+
+def run(reps: int, threads: list[int], workload: str = "tree") -> list[str]:
+    tables, lengths, slots = _eval_workload() if workload == "eval" else _workload()
+    plan = plan_decode(tables, lengths, BLOCK, workspace=GatherWorkspace())
+    # the cascade before bucketing and kept buffers: one gather padded to the longest private part
+    unbucketed = dataclasses.replace(plan, private_buckets=(), bucket_unsort=None, workspace=None)
+    both = workload == "eval"
+    rows = ["| dtype | threads | cascade reference | " + ("unbucketed cascade | " if both else "")
+            + "per-branch naive twin | per-branch SDPA | " + ("unbucketed / cascade | " if both else "")
+            + "naive / cascade | SDPA / cascade |", "|" + " --- |" * (9 if both else 7)]
     plans = []
     g = torch.Generator().manual_seed(0)
     for n in threads:
@@ -70,13 +101,17 @@ def run(reps: int, threads: list[int]) -> list[str]:
         for dtype in (torch.bfloat16, torch.float32):
             k = torch.randn(slots, HKV, D, generator=g).to(dtype)
             v = torch.randn(slots, HKV, D, generator=g).to(dtype)
-            q = torch.randn(BRANCHES, HQ, D, generator=g).to(dtype)
+            q = torch.randn(len(tables), HQ, D, generator=g).to(dtype)
             fast = _times_ms(lambda: decode_attention(q, k, v, plan, D ** -0.5), reps)
+            old = _times_ms(lambda: decode_attention(q, k, v, unbucketed, D ** -0.5), reps) if both else None
             slow = _times_ms(lambda: decode_attention_naive(q, k, v, plan, D ** -0.5), reps)
             sdpa = _times_ms(lambda: per_branch_sdpa(q, k, v, plan, D ** -0.5), reps)
             name = str(dtype).removeprefix("torch.")
-            rows.append(f"| {name} | {n} | {fast[0]:.2f} / {fast[1]:.2f} | {slow[0]:.2f} / {slow[1]:.2f} "
-                        f"| {sdpa[0]:.2f} / {sdpa[1]:.2f} | {slow[0] / fast[0]:.0f}x | {sdpa[0] / fast[0]:.1f}x |")
+            rows.append(f"| {name} | {n} | {fast[0]:.2f} / {fast[1]:.2f} | "
+                        + (f"{old[0]:.2f} / {old[1]:.2f} | " if both else "")
+                        + f"{slow[0]:.2f} / {slow[1]:.2f} | {sdpa[0]:.2f} / {sdpa[1]:.2f} | "
+                        + (f"{old[0] / fast[0]:.1f}x | " if both else "")
+                        + f"{slow[0] / fast[0]:.0f}x | {sdpa[0] / fast[0]:.1f}x |")
     rows.append("\nplan_decode (once per step, shared by every layer), best / median: "
                 + ", ".join(f"{t[0]:.2f} / {t[1]:.2f} ms ({n} threads)" for n, t in plans))
     return rows
@@ -101,13 +136,18 @@ def _machine() -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=["tree", "eval"], default="tree")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", default="", help="comma-separated torch thread counts, e.g. 1,2 (default: torch's)")
     ap.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     args = ap.parse_args(argv)
     threads = [int(n) for n in args.threads.split(",") if n] or [torch.get_num_threads()]
-    rows = run(args.reps, threads)
-    header = (f"{BRANCHES} branches sharing a {PREFIX}-token prefix, {OWN} own tokens each; Hq={HQ}, Hkv={HKV}, "
+    rows = run(args.reps, threads, args.workload)
+    shape = (f"{EVAL_PROBLEMS} problems x {EVAL_SAMPLES} samples, prompts of {EVAL_PROMPT[0]}-{EVAL_PROMPT[1]} "
+             f"tokens shared by each problem's samples, {EVAL_OWN[0]}-{EVAL_OWN[1]} own tokens each"
+             if args.workload == "eval" else
+             f"{BRANCHES} branches sharing a {PREFIX}-token prefix, {OWN} own tokens each")
+    header = (f"{shape}; Hq={HQ}, Hkv={HKV}, "
               f"D={D}; one layer, one decode step; ms per call, best / median of {args.reps} calls; "
               f"ratios of the best; load average after the run {_load()} (the cores are shared)")
     print(header)

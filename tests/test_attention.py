@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ttc.kernels import decode_attention, decode_attention_naive, merge_states, plan_decode, prefill_attention
-from ttc.kernels.attention import PrefillSeq
+from ttc.kernels.attention import GatherWorkspace, PrefillSeq
 
 
 def _random_pool(num_blocks, block_size, hkv, d, dtype=torch.float32, seed=0):
@@ -126,3 +126,47 @@ def test_unwritten_kv_slots_holding_nan_never_reach_a_decode_output(dtype):
     slow = decode_attention_naive(q, k, v, plan, d ** -0.5)
     assert torch.isfinite(fast).all() and torch.isfinite(slow).all()
     assert torch.allclose(fast.float(), slow.float(), atol=2e-2)
+
+
+def _eval_shaped_tables(n_rows, block_size, seed):
+    """Rows sharing a 3-block prompt, with private parts from 1 to 12 blocks long (as in a batched eval)."""
+    rng = random.Random(seed)
+    tables, lengths, next_block = [], [], 3
+    for _ in range(n_rows):
+        own = rng.randint(1, 12)
+        tables.append([0, 1, 2] + list(range(next_block, next_block + own)))
+        next_block += own
+        lengths.append((2 + own) * block_size + rng.randint(1, block_size))
+    return tables, lengths, next_block
+
+
+def test_rows_of_very_different_private_lengths_are_bucketed_and_still_equal_the_naive_twin():
+    tables, lengths, num_blocks = _eval_shaped_tables(64, 4, seed=1)
+    k, v = _random_pool(num_blocks, 4, 3, 16)
+    q = torch.randn(64, 9, 16, generator=torch.Generator().manual_seed(2))
+    plan = plan_decode(tables, lengths, block_size=4)
+    assert len(plan.private_buckets) == 8
+    rows = torch.cat([b.rows for b in plan.private_buckets])
+    assert sorted(rows.tolist()) == list(range(64))  # a partition of the rows
+    assert sum(b.slots.numel() for b in plan.private_buckets) < 0.85 * plan.private_slots.numel()
+    fast = decode_attention(q, k, v, plan, scale=0.25)
+    torch.testing.assert_close(fast, decode_attention_naive(q, k, v, plan, scale=0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_equal_private_length_stay_in_one_bucket():
+    plan = plan_decode([[0, 1, 2, 10 + i] for i in range(64)], [16 * 3 + 5] * 64, block_size=16)
+    assert len(plan.private_buckets) == 1 and plan.private_buckets[0].rows is None and plan.bucket_unsort is None
+
+
+def test_a_gather_workspace_gives_the_same_output_and_keeps_its_buffers_across_steps():
+    tables, lengths, num_blocks = _eval_shaped_tables(32, 4, seed=3)
+    k, v = _random_pool(num_blocks, 4, 3, 16)
+    q = torch.randn(32, 9, 16, generator=torch.Generator().manual_seed(4))
+    workspace = GatherWorkspace()
+    kept = plan_decode(tables, lengths, block_size=4, workspace=workspace)
+    first = decode_attention(q, k, v, kept, scale=0.25)
+    pointers = {key: buf.data_ptr() for key, buf in workspace._buffers.items()}
+    shorter = plan_decode(tables, [n - 1 for n in lengths], block_size=4, workspace=workspace)  # fits the same buffers
+    decode_attention(q, k, v, shorter, scale=0.25)
+    assert {key: buf.data_ptr() for key, buf in workspace._buffers.items()} == pointers
+    assert torch.equal(first, decode_attention(q, k, v, plan_decode(tables, lengths, block_size=4), scale=0.25))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ttc.budget import CannotAttempt, Ledger
-from ttc.kernels import PrefillSeq, plan_decode
+from ttc.kernels import GatherWorkspace, PrefillSeq, plan_decode
 
 from . import cache
 from .batch import GenerationBatch
@@ -39,6 +39,7 @@ class Engine:
         num_blocks = max(4, kv_cache_bytes // per_block)
         self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, block_size, model.dtype)
         self.prefix = PrefixCache(self.pool) if prefix_caching else None
+        self.attention_workspace = GatherWorkspace()  # decode gathers write into kept buffers (see its docstring)
         self.eos_ids = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
         self._params_flops = cfg.params_per_token_flops()
 
@@ -143,7 +144,7 @@ class Engine:
         decode = all(n == 1 for n in counts)
         if decode:
             attn = plan_decode([s.kv.blocks for s in seqs], [s.kv.num_tokens + 1 for s in seqs], bs,
-                               dtype=self.model.dtype)
+                               dtype=self.model.dtype, workspace=self.attention_workspace)
         else:
             attn, row = [], 0
             for s, n in zip(seqs, counts):
