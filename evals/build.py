@@ -101,6 +101,17 @@ def accepts(obj: Any, name: str) -> bool:
                                                       inspect.Parameter.KEYWORD_ONLY)
 
 
+def unknown_keys(obj: Any, kwargs: dict) -> list[str]:
+    """The keys of `kwargs` that calling `obj` cannot take (none when it takes **kwargs or has no signature)."""
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [k for k in kwargs if not accepts(obj, k)]
+
+
 def missing_keys(node: Any, prefix: str) -> list[str]:
     """Dotted keys still set to Hydra's `???` (mandatory values nobody gave)."""
     if isinstance(node, dict):
@@ -135,6 +146,11 @@ def instantiate(node: Any, name: str = "config", allowed: tuple[str, ...] = (), 
     try:
         inspect.signature(obj).bind(**kwargs)
     except TypeError as e:
+        unknown = unknown_keys(obj, kwargs)
+        if unknown:  # most often a key an experiment set for the config group's default, left behind by a swap
+            drops = " ".join(f"~{name}.{k}" for k in unknown)
+            raise ConfigError(f"{name} ({target}) takes no {', '.join(unknown)}: a key meant for another "
+                              f"{name} config (an experiment's or an override's); drop it with {drops}") from None
         raise ConfigError(f"{name} ({target}): {e}") from None
     except ValueError:  # no signature to check (a builtin)
         pass

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 
 from ttc.evals import runner
 from ttc.evals.__main__ import config_dict
-from ttc.evals.build import ConfigError, instantiate, locate, train_split
+from ttc.evals.build import ConfigError, accepts, eval_split, instantiate, locate, train_split
 from ttc.evals.datasets import extract_stated_answer
 from ttc.evals.runner import ResumeError, run_eval
 
@@ -181,6 +181,29 @@ def test_the_experiment_group_holds_saved_override_sets():
     assert cfg["dataset"]["options"]["max_terms"] == 2 and cfg["strategy"]["n"] == 4
     assert cfg["proposer"]["max_tokens"] == 128
     assert cfg["budget"]["tokens"] == 2048
+
+
+@pytest.mark.parametrize("experiment", ["archon_layers", "basic_arithmetic_sc", "chain_sum_greedy", "chain_sum_quick"])
+def test_an_experiment_swapped_to_gsm8k_leaves_no_key_the_gsm8k_loader_cannot_take(experiment):
+    dataset = eval_split(eval_config(f"experiment={experiment}", "dataset=gsm8k")["dataset"])
+    target = locate(dataset.pop("_target_"))
+    assert target.__name__ == "load_gsm8k"
+    assert [key for key in dataset if not accepts(target, key)] == []
+
+
+def test_the_scaling_experiments_keep_their_reported_problems_on_the_chain_sum_dataset_config():
+    for experiment in ("scaling", "scaling_greedy"):
+        dataset = eval_config(f"experiment={experiment}")["dataset"]
+        assert (dataset["task"], dataset["seed"], dataset["size"], dataset["limit"]) == ("chain_sum", 2026, 100, 50)
+        assert dataset["options"] == {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+
+
+def test_a_key_left_from_another_dataset_config_is_named_with_the_override_that_drops_it():
+    node = {"_target_": "ttc.evals.datasets.load_gsm8k", "path": "unused.jsonl", "task": "chain_sum", "seed": 3}
+    with pytest.raises(ConfigError) as error:
+        instantiate(node, "dataset")
+    assert str(error.value) == ("dataset (ttc.evals.datasets.load_gsm8k) takes no task, seed: a key meant for another "
+                                "dataset config (an experiment's or an override's); drop it with ~dataset.task ~dataset.seed")
 
 
 def test_a_strategy_sets_its_proposer_defaults_and_the_command_line_wins():
