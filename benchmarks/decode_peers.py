@@ -45,8 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_vllm(python: str, folder: Path, workloads: list[tuple[str, int, int, list[int]]]) -> tuple[str, dict]:
-    """vLLM's OpenAI server (peers.vllm_server: bf16, 2 OMP threads, prefix caching on) on token-id prompts.
+def run_vllm(python: str, folder: Path, workloads: list[tuple[str, int, int, list[int]]],
+             dtype: str = "bfloat16") -> tuple[str, dict]:
+    """vLLM's OpenAI server (peers.vllm_server in `dtype`, 2 OMP threads, prefix caching on) on token-id prompts.
 
     N samples are one request with n=N (the prompt is prefilled once, as ttc forks it); the prefill workload
     is one request with max_tokens=1 on a prompt the server has not seen, timed to its answer."""
@@ -55,7 +56,7 @@ def run_vllm(python: str, folder: Path, workloads: list[tuple[str, int, int, lis
 
     log = Path(tempfile.mkdtemp(prefix="ttc-decode-vllm-")) / "vllm.log"
     out: dict[str, dict] = {}
-    with vllm_server(python, folder, free_port(), log=log) as url, \
+    with vllm_server(python, folder, free_port(), log=log, dtype=dtype) as url, \
             httpx.Client(base_url=url, timeout=3600, trust_env=False) as client:
         version = client.get(url.removesuffix("/v1") + "/version").json().get("version", "?")
 
@@ -73,7 +74,7 @@ def run_vllm(python: str, folder: Path, workloads: list[tuple[str, int, int, lis
             made = body["usage"]["completion_tokens"]
             ids = body["choices"][0].get("token_ids") if n == 1 else None
             out[key] = {"tok_s": (len(prompt) if n == 0 else made) / wall, "ids": ids}
-    return f"vLLM-CPU {version} bf16", out
+    return f"vLLM-CPU {version} {dtype}", out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -55,12 +55,15 @@ def vllm_env() -> dict:
 
 @contextlib.contextmanager
 def vllm_server(python: str, folder: str | os.PathLike, port: int, served_name: str = "smollm2",
-                startup_s: float = 600.0, log: str | os.PathLike | None = None, eager: bool = False):
+                startup_s: float = 600.0, log: str | os.PathLike | None = None, eager: bool = False,
+                dtype: str = "bfloat16"):
     """A vLLM OpenAI server on 127.0.0.1:port serving `folder`; yields its base URL (…/v1), stops it after.
     eager: --enforce-eager, no torch.compile of the model (tests: it saves ~2 minutes of start-up on a 2-core
-    CPU; benchmarks keep the compiled model a user would run)."""
+    CPU; benchmarks keep the compiled model a user would run).
+    dtype: vLLM's --dtype. bfloat16 is emulated (slow) on a CPU without AVX512-BF16 or AMX; float32 is the
+    fair setting there."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
-           served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+           served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", "2048",
            # CPU backend: this fraction of RAM is reserved (despite the flag's name); 2 GiB of KV is plenty
            "--gpu-memory-utilization", "0.25",
            "--no-enable-log-requests"] + (["--enforce-eager"] if eager else [])
@@ -100,11 +103,12 @@ def main() -> None:
     serve.add_argument("folder")
     serve.add_argument("--python", required=True, help="the vLLM venv's python")
     serve.add_argument("--port", type=int, default=8011)
+    serve.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     args = parser.parse_args()
     if args.cmd == "export":
         print(export_hf_folder(args.out))
         return
-    with vllm_server(args.python, args.folder, args.port) as url:
+    with vllm_server(args.python, args.folder, args.port, dtype=args.dtype) as url:
         print(f"vLLM serving {args.folder} at {url}; Ctrl-C stops it", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while True:
