@@ -280,48 +280,9 @@ class PrefillSeq:
     slots: torch.Tensor  # (Tk,) the sequence's whole context, new tokens last
 
 
-def prefill_attention_flash_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                seqs: list[PrefillSeq], scale: float) -> torch.Tensor:
-    """`prefill_attention` on ATen's CPU flash kernel: the CPU fast path. q (T, Hq, D) -> (T, Hq, D).
-
-    SDPA with a mask and enable_gqa on 3-D tensors falls to its math path on CPU: the whole (Hq, Tq, Tk)
-    score matrix, a masked softmax and two bmm (at 1,000 tokens, 60% of the prefill's time). Here the keys
-    are repeated to Hq heads (a (Tk, Hq, D) copy: 2 MB at 1,000 tokens) and the flash kernel runs in tiles:
-    with is_causal when nothing is cached (Tq == Tk, it then skips the masked tiles), else with an additive
-    (Tq, Tk) bias for the cached prefix. Query head h reads key head h // G, as enable_gqa does.
-    """
-    out = torch.empty_like(q)
-    groups = q.shape[1] // k_cache.shape[1]
-    for s in seqs:
-        tq, tk = s.q_end - s.q_start, s.slots.numel()
-        qs = q[s.q_start:s.q_end].transpose(0, 1)[None]  # (1, Hq, Tq, D)
-        k = k_cache.index_select(0, s.slots)  # (Tk, Hkv, D)
-        v = v_cache.index_select(0, s.slots)
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, Hq, Tk, D)
-        if tq == tk:
-            o, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, k, v, is_causal=True, scale=scale)
-        else:
-            # query i sits at context position tk - tq + i and sees keys up to it
-            seen = torch.arange(tk)[None, :] <= (torch.arange(tq)[:, None] + (tk - tq))
-            bias = torch.zeros(tq, tk, dtype=q.dtype).masked_fill_(~seen, float("-inf"))
-            o, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, k, v, attn_mask=bias, scale=scale)
-        out[s.q_start:s.q_end] = o[0].transpose(0, 1)
-    return out
-
-
-def flash_cpu_takes(q: torch.Tensor) -> bool:
-    """Whether `prefill_attention_flash_cpu` runs for q (a CPU float32/bfloat16 tensor, kernel present)."""
-    return _FLASH_CPU and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-
-
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqs: list[PrefillSeq],
                       scale: float) -> torch.Tensor:
-    """Causal attention for sequences extended by several tokens each. q (T, Hq, D) -> (T, Hq, D).
-
-    The reference (SDPA with a boolean mask): the slow twin of `prefill_attention_flash_cpu`, and the
-    path on CUDA, where SDPA picks a fused kernel itself."""
+    """Causal attention for sequences extended by several tokens each. q (T, Hq, D) -> (T, Hq, D)."""
     out = torch.empty_like(q)
     Hq, Hkv = q.shape[1], k_cache.shape[1]
     for s in seqs:
