@@ -210,14 +210,15 @@ def machine() -> str:
 
 def vllm_dtypes(spec: str) -> list[str]:
     """'auto' -> the dtype this CPU runs natively (ttc.api.cpu_has_fast_bf16), else the listed ones."""
+    from peers import VLLM_DTYPES
     from ttc.api import cpu_has_fast_bf16
 
     if spec == "auto":
         return ["bfloat16" if cpu_has_fast_bf16() else "float32"]
     names = [d.strip() for d in spec.split(",") if d.strip()]
-    unknown = [d for d in names if d not in ("bfloat16", "float32", "float16")]
+    unknown = [d for d in names if d not in VLLM_DTYPES]
     if unknown:
-        raise SystemExit(f"--vllm-dtypes: {', '.join(unknown)} not one of auto, bfloat16, float32, float16")
+        raise SystemExit(f"--vllm-dtypes: {', '.join(unknown)} not one of auto, {', '.join(VLLM_DTYPES)}")
     return names
 
 
@@ -237,6 +238,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile ttc (dtype=auto): one decode step at N=1 and N=64, and the prefill workload")
     ap.add_argument("--record", action="store_true", help="append the tables to docs/benchmarks.md")
     args = ap.parse_args()
+    vllm_dtype_list = vllm_dtypes(args.vllm_dtypes)  # a bad value stops here, not after the ttc and HF rows
     started = machine()
     keys = [k for k in WORKLOADS if k in args.workloads.split(",")]
     peers = set() if args.peers == "none" else set(args.peers.split(","))
@@ -292,7 +294,7 @@ def main() -> None:
                     folder = export_hf_folder(cache_root() / "hf" / resolve(NAME).path.stem, spec=NAME)
             except Exception as e:  # noqa: BLE001  (a missing or broken peer is one line, not a crash)
                 python, why = None, f"{type(e).__name__}: {e}"
-        for dtype in vllm_dtypes(args.vllm_dtypes) if python else []:
+        for dtype in vllm_dtype_list if python else []:
             try:
                 label, res = decode_peers.run_vllm(python, folder, work, dtype=dtype)
                 rows[label] = res

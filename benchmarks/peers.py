@@ -53,6 +53,9 @@ def vllm_env() -> dict:
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
 
 
+VLLM_DTYPES = ("bfloat16", "float32", "float16")  # the --dtype values vLLM's CPU backend takes
+
+
 @contextlib.contextmanager
 def vllm_server(python: str, folder: str | os.PathLike, port: int, served_name: str = "smollm2",
                 startup_s: float = 600.0, log: str | os.PathLike | None = None, eager: bool = False,
@@ -103,7 +106,7 @@ def main() -> None:
     serve.add_argument("folder")
     serve.add_argument("--python", required=True, help="the vLLM venv's python")
     serve.add_argument("--port", type=int, default=8011)
-    serve.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    serve.add_argument("--dtype", default="bfloat16", choices=VLLM_DTYPES)
     args = parser.parse_args()
     if args.cmd == "export":
         print(export_hf_folder(args.out))
