@@ -6,11 +6,14 @@ reference, which is also the CPU fast path. `reference()` forces the references 
 | fast path | reference (CPU, oracle) | Triton twin (CUDA) |
 | --- | --- | --- |
 | decode attention over shared prefixes | `attention.decode_attention` | `attention_triton.decode_attention` |
+| prefill attention (causal, cached prefix) | `attention.prefill_attention` (SDPA, masked) | none; CPU: `attention.prefill_attention_flash_cpu` |
 | RMSNorm (+ residual add) | `norm.rms_norm_reference` | `norm_triton.rms_norm` |
 | rotary embedding (in place on request) | `rotary.apply_rotary_reference` | `rotary_triton.apply_rotary` |
 | temperature / top-k / top-p / min-p sampling, drawn in vocabulary order | `sampling.sample_reference` | `sampling_triton.sample` |
 
-Prefill attention has no Triton twin yet: it runs the reference (SDPA) everywhere.
+Prefill attention has no Triton twin yet: on CPU it runs ATen's flash kernel in fixed tiles
+(`prefill_attention_flash_cpu`, whose rows do not depend on a cached prefix), elsewhere the reference
+(SDPA, which picks a fused kernel on CUDA).
 Sampling has one PyTorch implementation: the engine's sampler (`ttc.decoder.sampling.sample`) is an
 adapter over `sample` below, so a seed draws the same token on CPU and CUDA (up to float32 rounding
 at a boundary; see `sampling_triton`).
@@ -27,8 +30,8 @@ import importlib
 import torch
 
 from .attention import (DecodePlan, GatherWorkspace, PrefillSeq, SharedSegment, decode_attention as decode_attention_reference,
-                        decode_attention_naive, merge_states, plan_decode,
-                        prefill_attention as prefill_attention_reference)
+                        decode_attention_naive, flash_cpu_takes, merge_states, plan_decode,
+                        prefill_attention as prefill_attention_reference, prefill_attention_flash_cpu)
 from .norm import rms_norm_cpu, rms_norm_reference
 from .rotary import apply_rotary_reference, apply_rotary_tables, rotary_tables
 from .sampling import sample_reference
@@ -78,6 +81,9 @@ def decode_attention(q, k_cache, v_cache, plan: DecodePlan, scale: float):
 
 
 def prefill_attention(q, k_cache, v_cache, seqs, scale: float):
+    """q (T, Hq, D); k_cache, v_cache (S, Hkv, D); seqs: each sequence's query rows and context slots."""
+    if not _force_reference and flash_cpu_takes(q):
+        return prefill_attention_flash_cpu(q, k_cache, v_cache, seqs, scale)
     return prefill_attention_reference(q, k_cache, v_cache, seqs, scale)
 
 

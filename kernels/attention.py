@@ -280,9 +280,67 @@ class PrefillSeq:
     slots: torch.Tensor  # (Tk,) the sequence's whole context, new tokens last
 
 
+PREFILL_TILE = 32  # query rows per flash call; one tile is one q block of ATen's CPU kernel (< 192 rows)
+
+
+def prefill_attention_flash_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                seqs: list[PrefillSeq], scale: float) -> torch.Tensor:
+    """`prefill_attention` on ATen's CPU flash kernel, in fixed tiles: the CPU fast path. q (T, Hq, D) -> (T, Hq, D).
+
+    SDPA with a mask and enable_gqa on 3-D tensors falls to its math path on CPU: the whole (Hq, Tq, Tk)
+    score matrix, a masked softmax and two bmm (at 1,000 tokens, 60% of the prefill's time).
+
+    Why tiles of one fixed shape: a query row's rounding in the flash kernel depends on how many rows share
+    its call (a call of 1-3 rows takes another GEMM path) and on the key count (the softmax's vector tail).
+    So a prompt prefilled whole and the same prompt prefilled after a cached prefix, or after a shorter
+    prompt's KV, would differ in the last bits, and a seeded sample at a boundary would flip. Here every call
+    takes the PREFILL_TILE rows at absolute positions [a, a + TILE), a a multiple of TILE (rows that are
+    cached or past the end ride along as zero queries), and the keys [0, a + TILE) (zero-padded past the
+    context, masked). A row's output is then a function of its position and context alone. The cost: at most
+    TILE - 1 padded rows per sequence and call, and one call per tile (32 per layer at 1,000 tokens).
+    Keys are repeated to the Hq query heads (a (Tk, Hq, D) copy: 2 MB at 1,000 tokens); query head h reads
+    key head h // G, as enable_gqa does.
+    """
+    out = torch.empty_like(q)
+    Hq, D = q.shape[1], q.shape[2]
+    groups = Hq // k_cache.shape[1]
+    tile = PREFILL_TILE
+    for s in seqs:
+        tq, tk = s.q_end - s.q_start, s.slots.numel()
+        first = tk - tq  # the context position of the first new row
+        padded = -(-tk // tile) * tile
+        k = q.new_zeros(padded, Hq, D)
+        v = q.new_zeros(padded, Hq, D)
+        k_ctx, v_ctx = k_cache.index_select(0, s.slots), v_cache.index_select(0, s.slots)  # (Tk, Hkv, D)
+        k[:tk] = k_ctx.repeat_interleave(groups, dim=1) if groups > 1 else k_ctx
+        v[:tk] = v_ctx.repeat_interleave(groups, dim=1) if groups > 1 else v_ctx
+        k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, Hq, padded, D)
+        # within a tile, row i may see key columns up to a + i: the last TILE columns are causal
+        causal = torch.zeros(tile, tile, dtype=q.dtype).masked_fill_(
+            torch.ones(tile, tile, dtype=torch.bool).triu_(1), float("-inf"))
+        for a in range(first // tile * tile, tk, tile):
+            lo, hi = max(a, first), min(a + tile, tk)  # the real new rows of this tile
+            q_tile = q.new_zeros(tile, Hq, D)
+            q_tile[lo - a:hi - a] = q[s.q_start + lo - first:s.q_start + hi - first]
+            bias = torch.cat([causal.new_zeros(tile, a), causal], dim=1)  # (TILE, a + TILE)
+            o, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q_tile.transpose(0, 1)[None], k[:, :, :a + tile], v[:, :, :a + tile], attn_mask=bias, scale=scale)
+            out[s.q_start + lo - first:s.q_start + hi - first] = o[0, :, lo - a:hi - a].transpose(0, 1)
+    return out
+
+
+def flash_cpu_takes(q: torch.Tensor) -> bool:
+    """Whether `prefill_attention_flash_cpu` runs for q (a CPU float32/bfloat16 tensor, kernel present)."""
+    return _FLASH_CPU and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqs: list[PrefillSeq],
                       scale: float) -> torch.Tensor:
-    """Causal attention for sequences extended by several tokens each. q (T, Hq, D) -> (T, Hq, D)."""
+    """Causal attention for sequences extended by several tokens each. q (T, Hq, D) -> (T, Hq, D).
+
+    The reference (SDPA with a boolean mask): the slow twin of `prefill_attention_flash_cpu`, and the
+    path on CUDA, where SDPA picks a fused kernel itself. Unlike the tiled fast path, its rows may round
+    differently with and without a cached prefix."""
     out = torch.empty_like(q)
     Hq, Hkv = q.shape[1], k_cache.shape[1]
     for s in seqs:

@@ -64,8 +64,12 @@ class KeepProgram:
         covered = {self.clusters[i] for i in keep}
         return sum(self.values[i] for i in keep) - self.lambda_kv * len(nodes) + self.lambda_coverage * len(covered)
 
-    def solve(self, time_limit: float = 10.0) -> list[int]:
-        """The indices of the candidates to keep, best value first."""
+    def solve(self, node_limit: int = 20_000) -> list[int]:
+        """The indices of the candidates to keep, best value first.
+
+        The branch-and-bound stops at `node_limit` nodes, not at a wall-clock limit: a run's keep sets
+        must not depend on how loaded the machine is (a starved solver stopping early would keep a
+        different feasible set). Programs here have tens of candidates and solve in a few nodes."""
         from scipy.optimize import Bounds, LinearConstraint, milp
         from scipy.sparse import coo_array
 
@@ -100,8 +104,8 @@ class KeepProgram:
         a = coo_array((vals, (rows, cols)), shape=(len(lo), width)).tocsr()
         integrality = np.concatenate([np.ones(n), np.zeros(width - n)])
         res = milp(c, constraints=LinearConstraint(a, lo, hi), integrality=integrality, bounds=Bounds(0.0, 1.0),
-                   options={"mip_rel_gap": 0.0, "time_limit": time_limit})
-        if res.x is None:  # only on a time limit without any solution: fall back to the top k by value
+                   options={"mip_rel_gap": 0.0, "node_limit": node_limit})
+        if res.x is None:  # only on the node limit without any solution: fall back to the top k by value
             order = sorted(range(n), key=lambda i: -self.values[i])
             return order[: min(self.k, n)]
         keep = [i for i in range(n) if res.x[i] > 0.5]

@@ -170,3 +170,71 @@ def test_a_gather_workspace_gives_the_same_output_and_keeps_its_buffers_across_s
     decode_attention(q, k, v, shorter, scale=0.25)
     assert {key: buf.data_ptr() for key, buf in workspace._buffers.items()} == pointers
     assert torch.equal(first, decode_attention(q, k, v, plan_decode(tables, lengths, block_size=4), scale=0.25))
+
+
+def _prefill_batch(hq, hkv, d, dtype, seed):
+    """Four sequences in one flattened batch: no cached prefix, 7 cached tokens, 1 new token after 30
+    (a chunked prefill's tail), and 40 new after 33 (three tiles, the first partly cached), each on
+    scattered KV slots."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = _random_pool(24, 8, hkv, d, dtype, seed)
+    free = torch.randperm(192, generator=g)
+    seqs, start = [], 0
+    for cached, new in ((0, 13), (7, 6), (30, 1), (33, 40)):
+        slots, free = free[: cached + new], free[cached + new:]
+        seqs.append(PrefillSeq(start, start + new, slots))
+        start += new
+    q = torch.randn(start, hq, d, generator=g).to(dtype)
+    return q, k, v, seqs
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 1)])
+def test_flash_cpu_prefill_equals_the_masked_sdpa_reference_with_and_without_a_cached_prefix(seed, hq, hkv):
+    from ttc.kernels.attention import prefill_attention as reference, prefill_attention_flash_cpu
+
+    q, k, v, seqs = _prefill_batch(hq, hkv, 16, torch.float32, seed)
+    torch.testing.assert_close(prefill_attention_flash_cpu(q, k, v, seqs, 0.25), reference(q, k, v, seqs, 0.25),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_flash_cpu_prefill_stays_within_twice_the_reference_bfloat16_error():
+    from ttc.kernels.attention import prefill_attention as reference, prefill_attention_flash_cpu
+
+    q, k, v, seqs = _prefill_batch(9, 3, 64, torch.float32, 5)
+    exact = reference(q.double(), k.double(), v.double(), seqs, 0.125)
+    low = [t.to(torch.bfloat16) for t in (q, k, v)]
+    fast_err = (prefill_attention_flash_cpu(*low, seqs, 0.125).double() - exact).abs().max()
+    ref_err = (reference(*low, seqs, 0.125).double() - exact).abs().max()
+    assert fast_err <= 2 * ref_err
+
+
+def test_prefill_dispatch_runs_flash_on_cpu_and_the_sdpa_reference_inside_kernels_reference():
+    from ttc import kernels
+    from ttc.kernels.attention import prefill_attention as reference, prefill_attention_flash_cpu
+
+    q, k, v, seqs = _prefill_batch(9, 3, 16, torch.float32, 1)
+    assert kernels.attention.flash_cpu_takes(q)
+    assert torch.equal(kernels.prefill_attention(q, k, v, seqs, 0.25), prefill_attention_flash_cpu(q, k, v, seqs, 0.25))
+    with kernels.reference():
+        assert torch.equal(kernels.prefill_attention(q, k, v, seqs, 0.25), reference(q, k, v, seqs, 0.25))
+
+
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)])
+def test_flash_cpu_prefill_rows_are_bitwise_the_same_with_or_without_a_cached_prefix(hq, hkv):
+    """A prompt prefilled whole, after any cached prefix, or as a shorter prompt gives the same bits per row:
+    the prefix cache must not move a seeded sample (rounding at a sampling boundary)."""
+    from ttc.kernels.attention import prefill_attention_flash_cpu
+
+    total = 100
+    g = torch.Generator().manual_seed(3)
+    k, v = _random_pool(total, 1, hkv, 64, torch.float32, 3)
+    slots = torch.randperm(total, generator=g)
+    q = torch.randn(total, hq, 64, generator=g)
+    whole = prefill_attention_flash_cpu(q, k, v, [PrefillSeq(0, total, slots)], 0.125)
+    for cached in (1, 2, 5, 31, 32, 33, 60, 97, 98, 99):
+        part = prefill_attention_flash_cpu(q[cached:], k, v, [PrefillSeq(0, total - cached, slots)], 0.125)
+        assert torch.equal(part, whole[cached:]), cached
+    for shorter in (1, 3, 17, 32, 50, 99):
+        prefix = prefill_attention_flash_cpu(q[:shorter], k, v, [PrefillSeq(0, shorter, slots[:shorter])], 0.125)
+        assert torch.equal(prefix, whole[:shorter]), shorter
