@@ -9,6 +9,7 @@ reference, which is also the CPU fast path. `reference()` forces the references 
 | prefill attention (causal, cached prefix) | `attention.prefill_attention` (SDPA, masked) | none; CPU: `attention.prefill_attention_flash_cpu` |
 | RMSNorm (+ residual add) | `norm.rms_norm_reference` | `norm_triton.rms_norm` |
 | rotary embedding (in place on request) | `rotary.apply_rotary_reference` | `rotary_triton.apply_rotary` |
+| int4 linear (Q4_1 codes) and int8 head (Q8_0), float32 activations, CPU | `quant.Int4Linear.reference`, F.linear on the float head | none; x86 AVX2: `int4_cpu` (C++, built on first use) |
 | temperature / top-k / top-p / min-p sampling, drawn in vocabulary order | `sampling.sample_reference` | `sampling_triton.sample` |
 
 Prefill attention has no Triton twin yet: on CPU it runs ATen's flash kernel in fixed tiles

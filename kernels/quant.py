@@ -16,6 +16,9 @@ Formats (N outputs, K inputs):
   to that bfloat16 rounding of d and m + 8d (relative 2^-8 each), so a weight moves by at most
   2^-8 * (8d + |m + 8d|) (in the embedded model's layers at most 0.05 d, mean 0.005 d; the grid step is d).
 
+On a CPU without fast bfloat16 the int4 mode runs float32 activations instead, on ttc's own C++ kernel
+(`Int4Linear.use_float32_kernel`, kernels/int4_cpu.py), with the file's d and m unrounded.
+
 Each class has the slow twin `reference(x)`: F.linear in float32 with the dequantized weight the kernel
 reads (bfloat16 scales included; every dequantized value is exact in float32 as the kernel's), cast to x's
 dtype, so fast and reference differ only in accumulation order. `weight` is that dequantized weight; reading
@@ -44,6 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import int4_cpu
 from .linear import Linear
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel accepts
@@ -160,7 +164,7 @@ class Int4Linear:
     the kernel refuses the shape), scales_and_zeros (K/group, N, 2) bfloat16: about 1.1 bytes a weight.
     """
 
-    __slots__ = ("bias", "in_features", "nibbles", "packed", "scales_and_zeros")
+    __slots__ = ("bias", "d", "file_dm", "in_features", "m", "nibbles", "packed", "scales_and_zeros")
 
     def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None = None,
                  in_features: int | None = None):
@@ -172,7 +176,8 @@ class Int4Linear:
         self.nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
         self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16).contiguous()
         self.bias, self.in_features = bias, kp if in_features is None else in_features
-        self.packed = None
+        self.packed = self.d = self.m = None  # d, m: ttc's float32 kernel's form (`use_float32_kernel`)
+        self.file_dm = None  # a GGUF's own (d, m) float32, set by from_q4_1
         if (_INT4_MM is not None and q.device.type == "cpu" and n % 16 == 0 and kp // groups in INT4_GROUPS
                 and self.in_features == kp):
             try:
@@ -207,23 +212,56 @@ class Int4Linear:
                   bias: torch.Tensor | None = None) -> Int4Linear:
         """GGUF Q4_1 blocks: q (N, K) uint8 in 0..15, d and m (N, K/32) float32; w = q * d + m per block."""
         zero = m.float() + 8 * d.float()  # q * d + m == (q - 8) * d + (m + 8d)
-        return cls(q, torch.stack((d.float(), zero), dim=-1).transpose(0, 1), bias)
+        lin = cls(q, torch.stack((d.float(), zero), dim=-1).transpose(0, 1), bias)
+        lin.file_dm = (d.float().contiguous(), m.float().contiguous())  # the float32 kernel reads these unrounded
+        return lin
+
+    def use_float32_kernel(self) -> bool:
+        """Run float32 activations on ttc's own kernel (kernels/int4_cpu.py) from now on, if it can take this
+        weight (groups of 32, no padded group, the kernel built here). Keeps w = q * d + m per group in
+        float32: a GGUF's own d and m where `from_q4_1` made this linear (so w is the file's weight exactly,
+        without the bfloat16 rounding PyTorch's kernel needs), else d = scale, m = zero - 8 * scale. Drops
+        PyTorch's packed copy, which only bfloat16 activations use; `reference` and `weight` then read the
+        same (d, m). Returns whether it did."""
+        groups = self.scales_and_zeros.shape[0]
+        if self.nibbles.shape[1] * 2 != groups * int4_cpu.GROUP or self.in_features != groups * int4_cpu.GROUP:
+            return False
+        if not int4_cpu.available():
+            return False
+        if self.file_dm is not None:
+            self.d, self.m = self.file_dm
+        else:
+            sz = self.scales_and_zeros.float()  # (G, N, 2)
+            self.d = sz[..., 0].t().contiguous()  # (N, G)
+            self.m = (sz[..., 1] - 8 * sz[..., 0]).t().contiguous()
+        self.packed = self.file_dm = None
+        return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.d is not None and x.dtype == torch.float32 and x.dim() == 2 and x.device.type == "cpu":
+            return int4_cpu.int4_linear_cpu(x, self.nibbles, self.d, self.m, self.bias)
         if self.packed is not None and x.dtype == torch.bfloat16 and x.dim() == 2 and x.device.type == "cpu":
             return int4_linear(x, self.packed, self.scales_and_zeros, self.bias)
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
+        if self.d is not None:
+            return _add_bias(F.linear(x.float(), self.weight).to(x.dtype), self.bias)
         return int4_reference(x, self.nibbles, self.scales_and_zeros, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (N, K) float32 (a full dequantization per read)."""
+        if self.d is not None:  # q * d + m, the float32 kernel's weight
+            return (_unpack_nibbles(self.nibbles).float().unflatten(1, (-1, int4_cpu.GROUP)) * self.d[..., None]
+                    + self.m[..., None]).flatten(1)
         return int4_dequantize(self.nibbles, self.scales_and_zeros)[:, : self.in_features]
 
     def parts(self):
-        """(function, tensors) with function(x, *tensors) == self(x) for 2-D bfloat16 x (ttc/decoder/compiled.py)."""
+        """(function, tensors) with function(x, *tensors) == self(x) for 2-D x in the model's activation dtype
+        (ttc/decoder/compiled.py): float32 after `use_float32_kernel`, else bfloat16."""
+        if self.d is not None:
+            return int4_cpu.int4_linear_cpu, (self.nibbles, self.d, self.m, self.bias)
         if self.packed is not None:
             return int4_linear, (self.packed, self.scales_and_zeros, self.bias)
         return int4_reference, (self.nibbles, self.scales_and_zeros, self.bias)
@@ -232,17 +270,22 @@ class Int4Linear:
 # ---------------------------------------------------------------------------------------------
 
 
-def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, q4_1=None):
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, q4_1=None,
+                    activations: torch.dtype = torch.bfloat16):
     """The linear for a weight format: "plain" (also "bfloat16", "none": the weight as given), "int8" or "int4".
 
     weight (N, K), ideally float32 (quantizing a bfloat16 copy adds its rounding); bias (N,) in the activations'
     dtype. For int4, q4_1 = (q, d, m) from `ttc.decoder.weights.load_gguf_q4_1` uses the file's blocks instead
-    of requantizing the dequantized weight (which would round a second time).
+    of requantizing the dequantized weight (which would round a second time). activations: the dtype the
+    linear will be called with; int4 with float32 runs ttc's own CPU kernel (kernels/int4_cpu.py).
     """
     if mode in ("plain", "bfloat16", "none"):
         return Linear(weight, bias)
     if mode == "int8":
         return Int8Linear.from_float(weight, bias)
     if mode == "int4":
-        return Int4Linear.from_q4_1(*q4_1, bias=bias) if q4_1 is not None else Int4Linear.from_float(weight, bias)
+        lin = Int4Linear.from_q4_1(*q4_1, bias=bias) if q4_1 is not None else Int4Linear.from_float(weight, bias)
+        if activations == torch.float32:
+            lin.use_float32_kernel()  # where it cannot, float32 activations run the reference
+        return lin
     raise ValueError(f"weight format {mode!r} is not one of plain, int8, int4")

@@ -48,6 +48,20 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def activation_dtype(dtype: str | torch.dtype, weights: str, device: str) -> torch.dtype:
+    """The activations' (and KV cache's) dtype: the asked dtype for plain weights; for int4 on a CPU without
+    fast bfloat16, float32 on ttc's own int4 kernel where it builds (kernels/int4_cpu.py); else bfloat16,
+    which PyTorch's int8 and int4 CPU kernels take."""
+    if weights == "plain":
+        return resolve_dtype(dtype, device)
+    if weights == "int4" and not cpu_has_fast_bf16():
+        from ttc.kernels import int4_cpu
+
+        if int4_cpu.available():
+            return torch.float32
+    return torch.bfloat16
+
+
 class Model:
     """A loaded model: weights, tokenizer and the engine that runs them."""
 
@@ -115,8 +129,9 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     """Load a model: "smollm2-135m" (the embedded default), a .gguf path, or a Hugging Face folder.
 
     dtype: "float32" is the reference; "auto" picks bfloat16 where the hardware runs it fast; "int8" and "int4"
-    quantize the layer linears weight-only (activations and KV in bfloat16); int4 of a Q4_1 GGUF (the embedded
-    model) runs the file's own 4-bit blocks.
+    quantize the layer linears weight-only (activations and KV in bfloat16; int4 on a CPU without fast bfloat16
+    in float32, on ttc's own kernel: `activation_dtype`); int4 of a Q4_1 GGUF (the embedded model) runs the
+    file's own 4-bit blocks.
     batch_invariant: a sequence's tokens do not depend on what else shares its batch (kernels/invariant.py).
     compile: torch.compile the work between attention calls (ttc/decoder/compiled.py; eager if unavailable).
     kv_cache_gb sizes the paged KV pool (pages are only touched as they are used).
@@ -130,7 +145,7 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     tokenizer = load_tokenizer(source, extra_eos=cfg.eos_token_ids)
     weights = dtype if dtype in QUANTIZED else "plain"
     q4_1 = load_gguf_q4_1(source.path) if weights == "int4" and source.kind == "gguf" else None
-    model = Transformer(cfg, state, dtype=torch.bfloat16 if weights != "plain" else resolve_dtype(dtype, device),
+    model = Transformer(cfg, state, dtype=activation_dtype(dtype, weights, device),
                         weights=weights, q4_1=q4_1, batch_invariant=batch_invariant, compile=compile)
     del state, q4_1
     engine = Engine(model, tokenizer, kv_cache_bytes=int(kv_cache_gb * (1 << 30)), block_size=block_size,

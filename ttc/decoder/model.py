@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ttc import kernels
 from ttc.kernels import DecodePlan, PrefillSeq, invariant
+from ttc.kernels.int4_cpu import Int8HeadLinear
 from ttc.kernels.invariant import InvariantLinear
 from ttc.kernels.linear import Linear
 from ttc.kernels.quant import quantize_linear
@@ -53,13 +54,17 @@ class Transformer(torch.nn.Module):
             if weights == "plain":
                 lin = Linear(w(name), bias)
             else:  # quantized from the float32 weights (or the GGUF's own blocks), not from their dtype copy
-                lin = quantize_linear(state[name], bias, weights, q4_1.get(name))
+                lin = quantize_linear(state[name], bias, weights, q4_1.get(name), activations=dtype)
             return InvariantLinear(lin, state[name].shape[1], dtype) if batch_invariant else lin
 
         self.embed = w("embed")  # (V, H)
         # tied embeddings share the plain weight; a packed head (if any) is the only extra copy. The head stays in
         # the model's dtype in every weight format: it is where near-ties between tokens are decided.
         head = Linear(self.embed if state["lm_head"] is state["embed"] else w("lm_head"))
+        if weights == "int4" and dtype == torch.float32 and not batch_invariant:
+            # int4 on ttc's float32 kernels: the head as int8 codes where that is its exact weight (a Q8_0 head
+            # in the GGUF, as the embedded model's); kernels/int4_cpu.py says why and when
+            head = Int8HeadLinear.exact_from_float(head.weight) or head
         self.lm_head = InvariantLinear(head, cfg.hidden_size, dtype) if batch_invariant else head
         self.norm = state["norm"].float()
         self.layers = []

@@ -1,0 +1,119 @@
+"""ttc's own int4 CPU kernel (kernels/int4_cpu.py, csrc/int4_cpu.cpp) against its slow twin, the dequantized
+weight through F.linear in float32. Skipped where the kernel cannot build (not x86-64 with AVX2 and FMA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttc.kernels import int4_cpu
+from ttc.kernels.quant import Int4Linear, quantize_linear
+
+pytestmark = pytest.mark.skipif(not int4_cpu.available(), reason="ttc's int4 CPU kernel needs x86-64 AVX2 + FMA")
+
+
+def blocks(n, k, seed):
+    """Random Q4_1 blocks like a GGUF's: q (N, K) in 0..15, d > 0 and m < 0 per group of 32."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3
+    m = -8 * d + torch.randn(n, k // 32, generator=g) * 1e-3
+    return q, d, m
+
+
+def file_weight(q, d, m):
+    return q.float() * d.repeat_interleave(32, dim=1) + m.repeat_interleave(32, dim=1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (576, 576)])
+def test_the_kernel_equals_the_dequantized_float32_linear(rows, n, k):
+    q, d, m = blocks(n, k, seed=rows + n)
+    lin = Int4Linear.from_q4_1(q, d, m, bias=torch.randn(n))
+    assert lin.use_float32_kernel()
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    want = F.linear(x.double(), file_weight(q, d, m).double(), lin.bias.double())
+    torch.testing.assert_close(lin(x).double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin(x), lin.reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_float32_kernel_reads_the_gguf_blocks_unrounded():
+    q, d, m = blocks(32, 64, seed=1)
+    lin = Int4Linear.from_q4_1(q, d, m)
+    rounded = lin.weight  # PyTorch's kernel form: d and m + 8d rounded to bfloat16
+    assert lin.use_float32_kernel() and lin.packed is None
+    assert torch.equal(lin.weight, file_weight(q, d, m))
+    assert not torch.equal(rounded, lin.weight)
+
+
+def test_a_row_does_not_depend_on_the_other_rows_or_the_thread_count_up_to_sixteen_rows():
+    q, d, m = blocks(96, 576, seed=2)
+    lin = Int4Linear.from_q4_1(q, d, m)
+    lin.use_float32_kernel()
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(2))
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(16)])
+    for rows in (2, 3, 4, 5, 8, 13, 16):
+        assert torch.equal(lin(x[:rows]), alone[:rows]), rows
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = lin(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one_thread, lin(x))
+
+
+def test_weights_the_kernel_cannot_take_keep_the_reference():
+    g = torch.Generator().manual_seed(3)
+    padded = Int4Linear.from_float(torch.randn(32, 48, generator=g))  # K = 48: a padded last group
+    wide_groups = Int4Linear.from_float(torch.randn(32, 128, generator=g), group_size=64)
+    assert not padded.use_float32_kernel() and not wide_groups.use_float32_kernel()
+    x = torch.randn(3, 48, generator=g)
+    torch.testing.assert_close(padded(x), padded.reference(x))
+
+
+def test_quantize_linear_with_float32_activations_takes_the_kernel():
+    q, d, m = blocks(32, 64, seed=4)
+    lin = quantize_linear(file_weight(q, d, m), None, "int4", q4_1=(q, d, m), activations=torch.float32)
+    assert lin.d is not None and torch.equal(lin.weight, file_weight(q, d, m))
+    assert quantize_linear(file_weight(q, d, m), None, "int4", q4_1=(q, d, m)).d is None  # bfloat16: PyTorch's
+
+
+def test_the_kernel_runs_inside_torch_compile():
+    q, d, m = blocks(48, 64, seed=5)
+    lin = Int4Linear.from_q4_1(q, d, m, bias=torch.randn(48))
+    lin.use_float32_kernel()
+    fn, tensors = lin.parts()
+    x = torch.randn(3, 64)
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+    assert torch.equal(compiled(x, *tensors), lin(x))
+
+
+def q8_0_weight(n, k, seed):
+    """A float weight that is exactly Q8_0 blocks (q in -127..127 with 127 in every group, d float16)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k // 32, 32), generator=g)
+    q[..., 0] = 127 * torch.where(torch.rand(n, k // 32, generator=g) < 0.5, 1, -1)  # llama.cpp: d = amax / 127
+    d = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-4).half().float()
+    return (q * d[..., None]).reshape(n, k).float()
+
+
+def test_the_int8_head_recovers_q8_0_codes_exactly_and_equals_its_float_twin_up_to_sixteen_rows():
+    from ttc.kernels.int4_cpu import Int8HeadLinear
+
+    w = q8_0_weight(200, 64, seed=6)
+    head = Int8HeadLinear.exact_from_float(w)
+    assert head is not None and torch.equal(head.q.float().view(200, 2, 32) * head.d[..., None], w.view(200, 2, 32))
+    for rows in (1, 3, 16, 17):
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(head(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(head(x[:5]), torch.cat([head(x[i:i + 1]) for i in range(5)]))
+
+
+def test_a_head_that_is_not_exactly_int8_stays_float():
+    from ttc.kernels.int4_cpu import Int8HeadLinear
+
+    assert Int8HeadLinear.exact_from_float(torch.randn(64, 64, generator=torch.Generator().manual_seed(7))) is None
+    assert Int8HeadLinear.exact_from_float(q8_0_weight(64, 48 + 16, seed=8)[:, :48]) is None  # K % 32 != 0
