@@ -117,3 +117,16 @@ def test_a_head_that_is_not_exactly_int8_stays_float():
 
     assert Int8HeadLinear.exact_from_float(torch.randn(64, 64, generator=torch.Generator().manual_seed(7))) is None
     assert Int8HeadLinear.exact_from_float(q8_0_weight(64, 48 + 16, seed=8)[:, :48]) is None  # K % 32 != 0
+
+
+@pytest.mark.parametrize("fast_bf16,built,want", [(True, True, torch.bfloat16), (False, False, torch.bfloat16),
+                                                  (False, True, torch.float32)])
+def test_int4_activations_are_float32_only_without_fast_bfloat16_and_with_the_kernel_built(monkeypatch, fast_bf16,
+                                                                                            built, want):
+    from ttc import api
+
+    monkeypatch.setattr(api, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(int4_cpu, "available", lambda: built)
+    assert api.activation_dtype("int4", "int4", "cpu") == want
+    assert api.activation_dtype("int8", "int8", "cpu") == torch.bfloat16  # PyTorch's int8 kernel takes bfloat16
+    assert api.activation_dtype("float32", "plain", "cpu") == torch.float32
