@@ -123,9 +123,18 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& nibbles, 
   auto xc = x.contiguous();
   if (T > GEMV_ROWS) return at::mm(xc, dequantize(nibbles, d, m, N, K).t());
   auto y = torch::empty({T, N}, x.options());
-  auto xsum = xc.view({T, G, 32}).sum(-1).contiguous();  // (T, G): the m term's group sums
+  // (T, G): the m term's group sums, in a plain loop (a torch op here would cost a dispatch per call)
+  std::vector<float> xsum(T * G);
+  {
+    const float* xr = xc.data_ptr<float>();
+    for (int64_t i = 0; i < T * G; i++) {
+      __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xr + 32 * i), _mm256_loadu_ps(xr + 32 * i + 8)),
+                               _mm256_add_ps(_mm256_loadu_ps(xr + 32 * i + 16), _mm256_loadu_ps(xr + 32 * i + 24)));
+      xsum[i] = hsum(v);
+    }
+  }
   const float* xp = xc.data_ptr<float>();
-  const float* sp = xsum.data_ptr<float>();
+  const float* sp = xsum.data();
   const uint8_t* qp = nibbles.data_ptr<uint8_t>();
   const float* dp = d.data_ptr<float>();
   const float* mp = m.data_ptr<float>();
