@@ -59,6 +59,10 @@ def available() -> bool:
     def _(x, q, d):
         return x.new_empty(x.shape[0], q.shape[0])
 
+    @torch.library.register_fake("ttc_cpu::rms_norm")
+    def _(x, w, eps):
+        return torch.empty_like(x)
+
     return True
 
 
@@ -110,3 +114,14 @@ class Int8HeadLinear:
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (T, H) float32 -> RMSNorm(x) * weight in one C++ pass per row; twin: `ttc.kernels.rms_norm_reference`.
+
+    Used by int4 models on ttc's kernels only (ttc/decoder/model.py): its rounding is not PyTorch's."""
+    if x.dim() == 2 and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.shape[1] % 8 == 0:
+        return torch.ops.ttc_cpu.rms_norm(x, weight, eps)
+    from .norm import rms_norm_reference
+
+    return rms_norm_reference(x, weight, eps)

@@ -130,3 +130,13 @@ def test_int4_activations_are_float32_only_without_fast_bfloat16_and_with_the_ke
     assert api.activation_dtype("int4", "int4", "cpu") == want
     assert api.activation_dtype("int8", "int8", "cpu") == torch.bfloat16  # PyTorch's int8 kernel takes bfloat16
     assert api.activation_dtype("float32", "plain", "cpu") == torch.float32
+
+
+@pytest.mark.parametrize("rows", [1, 3, 70])
+def test_the_one_pass_rms_norm_equals_the_reference_to_float32_rounding(rows):
+    from ttc.kernels import rms_norm_reference
+
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 576, generator=g) * 3, torch.randn(576, generator=g)
+    torch.testing.assert_close(int4_cpu.rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+    assert torch.equal(int4_cpu.rms_norm(x[:1], w, 1e-5), int4_cpu.rms_norm(x, w, 1e-5)[:1])

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ttc import kernels
 from ttc.kernels import DecodePlan, PrefillSeq, invariant
+from ttc.kernels import int4_cpu
 from ttc.kernels.int4_cpu import Int8HeadLinear
 from ttc.kernels.invariant import InvariantLinear
 from ttc.kernels.linear import Linear
@@ -61,10 +62,12 @@ class Transformer(torch.nn.Module):
         # tied embeddings share the plain weight; a packed head (if any) is the only extra copy. The head stays in
         # the model's dtype in every weight format: it is where near-ties between tokens are decided.
         head = Linear(self.embed if state["lm_head"] is state["embed"] else w("lm_head"))
-        if weights == "int4" and dtype == torch.float32 and not batch_invariant:
+        self.rms_norm = kernels.rms_norm
+        if weights == "int4" and dtype == torch.float32 and not batch_invariant and int4_cpu.available():
             # int4 on ttc's float32 kernels: the head as int8 codes where that is its exact weight (a Q8_0 head
             # in the GGUF, as the embedded model's); kernels/int4_cpu.py says why and when
             head = Int8HeadLinear.exact_from_float(head.weight) or head
+            self.rms_norm = int4_cpu.rms_norm  # one C++ pass instead of ~7 ops; rounds unlike PyTorch's
         self.lm_head = InvariantLinear(head, cfg.hidden_size, dtype) if batch_invariant else head
         self.norm = state["norm"].float()
         self.layers = []
@@ -113,7 +116,7 @@ class Transformer(torch.nn.Module):
         tables = None if kernels.uses_triton(tokens) else kernels.rotary_tables(cos, sin)  # once, for all layers
         decode = isinstance(attn, DecodePlan)
         x = self.embed[tokens]  # (T, H)
-        h = kernels.rms_norm(x, self.layers[0]["attn_norm"], cfg.rms_norm_eps)
+        h = self.rms_norm(x, self.layers[0]["attn_norm"], cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             qkv = layer["qkv"](h)  # (T, (Hq + 2Hkv) * D)
             qk = kernels.apply_rotary(qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin, tables=tables)
@@ -123,11 +126,11 @@ class Transformer(torch.nn.Module):
             v_cache[i].index_copy_(0, new_slots, v)
             a = self._attention(q, k_cache[i], v_cache[i], attn, decode)
             x = x + layer["o"](a.reshape(T, Hq * D))
-            h = kernels.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+            h = self.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
             gate, up = layer["gate_up"](h).chunk(2, dim=-1)
             x = x + layer["down"](F.silu(gate) * up)
             next_norm = self.layers[i + 1]["attn_norm"] if i + 1 < len(self.layers) else self.norm
-            h = kernels.rms_norm(x, next_norm, cfg.rms_norm_eps)
+            h = self.rms_norm(x, next_norm, cfg.rms_norm_eps)
         return self._head(h, logits_rows, return_hidden)
 
     def _forward_compiled(self, tokens, positions, k_cache, v_cache, new_slots, attn, logits_rows, return_hidden):
