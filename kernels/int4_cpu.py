@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,6 +37,17 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; the pip package's copy is not there unless its venv is active."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:  # the build then fails with its own message, and int4 keeps PyTorch's kernel
+            pass
+
+
 @functools.cache
 def available() -> bool:
     """Whether `torch.ops.ttc_cpu.int4_linear` is loaded (building it the first time)."""
@@ -43,6 +56,8 @@ def available() -> bool:
         return False
     try:
         from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
 
         load("ttc_int4_cpu", [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
