@@ -88,7 +88,7 @@ def int4_linear_cpu(x: torch.Tensor, nibbles: torch.Tensor, d: torch.Tensor, m: 
     return y if bias is None else y + bias.to(y.dtype)
 
 
-GEMV_ROWS = 16  # csrc/int4_cpu.cpp's limit for the matrix-vector loops
+HEAD_ROWS = 16  # up to this many rows the int8 head kernel beats the float32 GEMM (19 against 29 ms at 16 rows)
 
 
 class Int8HeadLinear:
@@ -98,8 +98,8 @@ class Int8HeadLinear:
     float32) is the largest single read; its int8 codes are 30 MB. Built only where that is exact
     (`exact_from_float`): the embedded model's tied head is Q8_0 in its file, so requantizing its float copy
     recovers the file's codes and scales bit for bit, and the kernel multiplies the same weights. Up to
-    GEMV_ROWS rows the kernel runs; more rows (a batch of streams) multiply the float weight, which the tied
-    embedding keeps anyway. A row's bits may therefore differ past GEMV_ROWS: batch-invariant models keep
+    HEAD_ROWS rows the kernel runs; more rows (a batch of streams) multiply the float weight, which the tied
+    embedding keeps anyway. A row's bits may therefore differ past HEAD_ROWS: batch-invariant models keep
     the plain head.
     """
 
@@ -123,7 +123,7 @@ class Int8HeadLinear:
         return cls(weight, q.to(torch.int8).view(n, k).contiguous(), d.contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= GEMV_ROWS:
+        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= HEAD_ROWS:
             return torch.ops.ttc_cpu.int8_linear(x, self.q, self.d)
         return self.reference(x)
 

@@ -26,7 +26,7 @@ def file_weight(q, d, m):
     return q.float() * d.repeat_interleave(32, dim=1) + m.repeat_interleave(32, dim=1)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32, 33, 40])
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (576, 576)])
 def test_the_kernel_equals_the_dequantized_float32_linear(rows, n, k):
     q, d, m = blocks(n, k, seed=rows + n)
@@ -47,13 +47,13 @@ def test_the_float32_kernel_reads_the_gguf_blocks_unrounded():
     assert not torch.equal(rounded, lin.weight)
 
 
-def test_a_row_does_not_depend_on_the_other_rows_or_the_thread_count_up_to_sixteen_rows():
+def test_a_row_does_not_depend_on_the_other_rows_or_the_thread_count_up_to_thirty_two_rows():
     q, d, m = blocks(96, 576, seed=2)
     lin = Int4Linear.from_q4_1(q, d, m)
     lin.use_float32_kernel()
-    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(2))
-    alone = torch.cat([lin(x[i:i + 1]) for i in range(16)])
-    for rows in (2, 3, 4, 5, 8, 13, 16):
+    x = torch.randn(32, 576, generator=torch.Generator().manual_seed(2))
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(32)])
+    for rows in (2, 3, 4, 5, 8, 13, 16, 31, 32):
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
     before = torch.get_num_threads()
     try:

@@ -25,8 +25,8 @@
 
 namespace {
 
-constexpr int64_t ROWS = 4;        // rows of x per pass over a group's unpacked codes
-constexpr int64_t GEMV_ROWS = 16;  // (GEMV_ROWS in int4_cpu.py) up to this many rows: the unpacking kernel; more: dequantize + GEMM
+constexpr int64_t ROWS = 4;        // rows of x per pass over a group's unpacked codes (8 spill registers: slower)
+constexpr int64_t GEMV_ROWS = 32;  // up to this many rows: the unpacking kernel; more: dequantize + GEMM (measured crossover ~32-48)
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -76,8 +76,9 @@ void tile(const float* x, int64_t K, const float* xsum, int64_t G, const uint8_t
 }
 
 // The whole weight (N, K) float32, w = q * d + m, in a buffer kept between calls: for more than GEMV_ROWS
-// rows a float32 GEMM on the dequantized weight beats unpacking the codes once per tile of rows (measured:
-// at 64 rows, 2x). The buffer is reused (a fresh multi-MB tensor per call costs page faults), so the
+// rows a float32 GEMM on the dequantized weight beats unpacking the codes once per tile of rows (measured
+// per 3072 x 576 linear, 2 threads: 2.9 against ~3.5 ms at 64 rows, level at 32).
+// The buffer is reused (a fresh multi-MB tensor per call costs page faults), so the
 // returned tensor is only valid until the next call: callers use it at once. One buffer per thread.
 torch::Tensor dequantize(const torch::Tensor& nibbles, const torch::Tensor& d, const torch::Tensor& m, int64_t N,
                          int64_t K) {
@@ -151,7 +152,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& nibbles, 
 }
 
 // y = x @ w.T for w[n, k] = q[n, k] * d[n, k / 32], q int8 (GGUF's Q8_0 form, the embedded model's tied
-// head). The same loop as int4's, with the codes sign-extended from bytes. At most GEMV_ROWS rows: callers
+// head). The same loop as int4's, with the codes sign-extended from bytes. For few rows (HEAD_ROWS): callers
 // with more rows hold the float weight and multiply it (the head is tied to the embedding's float copy).
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "int8_linear: x must be (T, K) float32");
