@@ -305,6 +305,9 @@ def prefill_attention_flash_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     Hq, D = q.shape[1], q.shape[2]
     groups = Hq // k_cache.shape[1]
     tile = PREFILL_TILE
+    # within a tile, row i may see key columns up to a + i: the last TILE columns are causal
+    causal = torch.zeros(tile, tile, dtype=q.dtype).masked_fill_(
+        torch.ones(tile, tile, dtype=torch.bool).triu_(1), float("-inf"))
     for s in seqs:
         tq, tk = s.q_end - s.q_start, s.slots.numel()
         first = tk - tq  # the context position of the first new row
@@ -315,9 +318,6 @@ def prefill_attention_flash_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         k[:tk] = k_ctx.repeat_interleave(groups, dim=1) if groups > 1 else k_ctx
         v[:tk] = v_ctx.repeat_interleave(groups, dim=1) if groups > 1 else v_ctx
         k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, Hq, padded, D)
-        # within a tile, row i may see key columns up to a + i: the last TILE columns are causal
-        causal = torch.zeros(tile, tile, dtype=q.dtype).masked_fill_(
-            torch.ones(tile, tile, dtype=torch.bool).triu_(1), float("-inf"))
         for a in range(first // tile * tile, tk, tile):
             lo, hi = max(a, first), min(a + tile, tk)  # the real new rows of this tile
             q_tile = q.new_zeros(tile, Hq, D)

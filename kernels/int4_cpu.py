@@ -1,12 +1,13 @@
-"""ttc's own CPU kernel for int4 linears with float32 activations (csrc/int4_cpu.cpp, AVX2 + FMA).
+"""ttc's own CPU kernels for int4 models with float32 activations (csrc/int4_cpu.cpp, AVX2 + FMA).
 
 Why: on a CPU without fast bfloat16 (AVX2 only), PyTorch's int4 matmul needs bfloat16 activations, which
 that CPU emulates, and a one-row decode step reads the weights at ~3 GB/s through it. This kernel unpacks
 the 4-bit codes in registers and multiplies them into float32 activations; its slow twin is
-`quant.int4_reference` (the dequantized weight through F.linear), compared in tests/test_int4_cpu.py.
+`quant.Int4Linear.reference` (the same q * d + m through F.linear), compared in tests/test_int4_cpu.py,
+as are the int8 head and the one-pass RMSNorm beside it.
 
 It is compiled on first use with torch.utils.cpp_extension (g++ and ninja; about a minute, then cached in
-torch's extension folder) and registers `torch.ops.ttc_cpu.int4_linear`. Where it cannot run (not x86-64
+torch's extension folder) and registers `torch.ops.ttc_cpu.int4_linear`, `int8_linear` and `rms_norm`. Where it cannot run (not x86-64
 with AVX2 and FMA, no compiler, a failed build) `available()` is False, one log line says why, and int4
 keeps PyTorch's kernel with bfloat16 activations.
 """
@@ -59,8 +60,9 @@ def available() -> bool:
 
         _put_ninja_on_path()
 
-        load("ttc_int4_cpu", [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        # -fopenmp: at::parallel_for in the kernels is OpenMP's, as in PyTorch's own CPU build
+        load("ttc_int4_cpu", [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a build error: int4 runs PyTorch's kernel instead
         log.warning("ttc int4 CPU kernel did not build (%s); PyTorch's int4 kernel runs instead",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -79,13 +81,6 @@ def available() -> bool:
         return torch.empty_like(x)
 
     return True
-
-
-def int4_linear_cpu(x: torch.Tensor, nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
-    """x (T, K) float32, nibbles (N, K/2) uint8, d and m (N, K/32) float32 -> (T, N): w = q * d + m per group."""
-    y = torch.ops.ttc_cpu.int4_linear(x, nibbles, d, m)
-    return y if bias is None else y + bias.to(y.dtype)
 
 
 HEAD_ROWS = 16  # up to this many rows the int8 head kernel beats the float32 GEMM (19 against 29 ms at 16 rows)

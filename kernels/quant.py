@@ -135,6 +135,13 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return _add_bias(_INT4_MM(x.contiguous(), packed, group, scales_and_zeros), bias)
 
 
+def int4_float32_linear(x: torch.Tensor, nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """x (T, K) float32, nibbles (N, K/2), d and m (N, K/32) float32 -> (T, N), w = q * d + m per group of 32:
+    ttc's own kernel (kernels/int4_cpu.py)."""
+    return _add_bias(torch.ops.ttc_cpu.int4_linear(x, nibbles, d, m), bias)
+
+
 def _unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8, even columns in the low nibble -> q (N, K) uint8 in 0..15."""
     return torch.stack((nibbles & 0x0F, nibbles >> 4), dim=-1).reshape(nibbles.shape[0], -1)
@@ -164,7 +171,7 @@ class Int4Linear:
     the kernel refuses the shape), scales_and_zeros (K/group, N, 2) bfloat16: about 1.1 bytes a weight.
     """
 
-    __slots__ = ("bias", "d", "file_dm", "in_features", "m", "nibbles", "packed", "scales_and_zeros")
+    __slots__ = ("bias", "d", "in_features", "m", "nibbles", "packed", "scales_and_zeros")
 
     def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None = None,
                  in_features: int | None = None):
@@ -177,7 +184,6 @@ class Int4Linear:
         self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16).contiguous()
         self.bias, self.in_features = bias, kp if in_features is None else in_features
         self.packed = self.d = self.m = None  # d, m: ttc's float32 kernel's form (`use_float32_kernel`)
-        self.file_dm = None  # a GGUF's own (d, m) float32, set by from_q4_1
         if (_INT4_MM is not None and q.device.type == "cpu" and n % 16 == 0 and kp // groups in INT4_GROUPS
                 and self.in_features == kp):
             try:
@@ -212,15 +218,14 @@ class Int4Linear:
                   bias: torch.Tensor | None = None) -> Int4Linear:
         """GGUF Q4_1 blocks: q (N, K) uint8 in 0..15, d and m (N, K/32) float32; w = q * d + m per block."""
         zero = m.float() + 8 * d.float()  # q * d + m == (q - 8) * d + (m + 8d)
-        lin = cls(q, torch.stack((d.float(), zero), dim=-1).transpose(0, 1), bias)
-        lin.file_dm = (d.float().contiguous(), m.float().contiguous())  # the float32 kernel reads these unrounded
-        return lin
+        return cls(q, torch.stack((d.float(), zero), dim=-1).transpose(0, 1), bias)
 
-    def use_float32_kernel(self) -> bool:
+    def use_float32_kernel(self, exact_dm: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
         """Run float32 activations on ttc's own kernel (kernels/int4_cpu.py) from now on, if it can take this
         weight (groups of 32, no padded group, the kernel built here). Keeps w = q * d + m per group in
-        float32: a GGUF's own d and m where `from_q4_1` made this linear (so w is the file's weight exactly,
-        without the bfloat16 rounding PyTorch's kernel needs), else d = scale, m = zero - 8 * scale. Drops
+        float32: exact_dm, a GGUF's own (d, m) (N, K/32) for the q this linear was made from (so w is the
+        file's weight exactly, without the bfloat16 rounding PyTorch's kernel needs), else d = scale,
+        m = zero - 8 * scale. Drops
         PyTorch's packed copy, which only bfloat16 activations use; `reference` and `weight` then read the
         same (d, m). Returns whether it did."""
         groups = self.scales_and_zeros.shape[0]
@@ -228,18 +233,18 @@ class Int4Linear:
             return False
         if not int4_cpu.available():
             return False
-        if self.file_dm is not None:
-            self.d, self.m = self.file_dm
+        if exact_dm is not None:
+            self.d, self.m = (t.float().contiguous() for t in exact_dm)
         else:
             sz = self.scales_and_zeros.float()  # (G, N, 2)
             self.d = sz[..., 0].t().contiguous()  # (N, G)
             self.m = (sz[..., 1] - 8 * sz[..., 0]).t().contiguous()
-        self.packed = self.file_dm = None
+        self.packed = None
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.d is not None and x.dtype == torch.float32 and x.dim() == 2 and x.device.type == "cpu":
-            return int4_cpu.int4_linear_cpu(x, self.nibbles, self.d, self.m, self.bias)
+            return int4_float32_linear(x, self.nibbles, self.d, self.m, self.bias)
         if self.packed is not None and x.dtype == torch.bfloat16 and x.dim() == 2 and x.device.type == "cpu":
             return int4_linear(x, self.packed, self.scales_and_zeros, self.bias)
         return self.reference(x)
@@ -261,7 +266,7 @@ class Int4Linear:
         """(function, tensors) with function(x, *tensors) == self(x) for 2-D x in the model's activation dtype
         (ttc/decoder/compiled.py): float32 after `use_float32_kernel`, else bfloat16."""
         if self.d is not None:
-            return int4_cpu.int4_linear_cpu, (self.nibbles, self.d, self.m, self.bias)
+            return int4_float32_linear, (self.nibbles, self.d, self.m, self.bias)
         if self.packed is not None:
             return int4_linear, (self.packed, self.scales_and_zeros, self.bias)
         return int4_reference, (self.nibbles, self.scales_and_zeros, self.bias)
@@ -285,7 +290,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, 
         return Int8Linear.from_float(weight, bias)
     if mode == "int4":
         lin = Int4Linear.from_q4_1(*q4_1, bias=bias) if q4_1 is not None else Int4Linear.from_float(weight, bias)
-        if activations == torch.float32:
-            lin.use_float32_kernel()  # where it cannot, float32 activations run the reference
+        if activations == torch.float32:  # where it cannot, float32 activations run the reference
+            lin.use_float32_kernel(exact_dm=q4_1[1:] if q4_1 is not None else None)
         return lin
     raise ValueError(f"weight format {mode!r} is not one of plain, int8, int4")

@@ -31,7 +31,7 @@ def file_weight(q, d, m):
 def test_the_kernel_equals_the_dequantized_float32_linear(rows, n, k):
     q, d, m = blocks(n, k, seed=rows + n)
     lin = Int4Linear.from_q4_1(q, d, m, bias=torch.randn(n))
-    assert lin.use_float32_kernel()
+    assert lin.use_float32_kernel(exact_dm=(d, m))
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     want = F.linear(x.double(), file_weight(q, d, m).double(), lin.bias.double())
     torch.testing.assert_close(lin(x).double(), want, rtol=1e-5, atol=1e-5)
@@ -42,7 +42,7 @@ def test_the_float32_kernel_reads_the_gguf_blocks_unrounded():
     q, d, m = blocks(32, 64, seed=1)
     lin = Int4Linear.from_q4_1(q, d, m)
     rounded = lin.weight  # PyTorch's kernel form: d and m + 8d rounded to bfloat16
-    assert lin.use_float32_kernel() and lin.packed is None
+    assert lin.use_float32_kernel(exact_dm=(d, m)) and lin.packed is None
     assert torch.equal(lin.weight, file_weight(q, d, m))
     assert not torch.equal(rounded, lin.weight)
 
@@ -50,7 +50,7 @@ def test_the_float32_kernel_reads_the_gguf_blocks_unrounded():
 def test_a_row_does_not_depend_on_the_other_rows_or_the_thread_count_up_to_thirty_two_rows():
     q, d, m = blocks(96, 576, seed=2)
     lin = Int4Linear.from_q4_1(q, d, m)
-    lin.use_float32_kernel()
+    lin.use_float32_kernel(exact_dm=(d, m))
     x = torch.randn(32, 576, generator=torch.Generator().manual_seed(2))
     alone = torch.cat([lin(x[i:i + 1]) for i in range(32)])
     for rows in (2, 3, 4, 5, 8, 13, 16, 31, 32):
@@ -83,7 +83,7 @@ def test_quantize_linear_with_float32_activations_takes_the_kernel():
 def test_the_kernel_runs_inside_torch_compile():
     q, d, m = blocks(48, 64, seed=5)
     lin = Int4Linear.from_q4_1(q, d, m, bias=torch.randn(48))
-    lin.use_float32_kernel()
+    lin.use_float32_kernel(exact_dm=(d, m))
     fn, tensors = lin.parts()
     x = torch.randn(3, 64)
     compiled = torch.compile(fn, dynamic=False, fullgraph=True)

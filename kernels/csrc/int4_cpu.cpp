@@ -90,21 +90,14 @@ torch::Tensor dequantize(const torch::Tensor& nibbles, const torch::Tensor& d, c
   const float* dp = d.data_ptr<float>();
   const float* mp = m.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     for (int64_t n = n0; n < n1; n++)
       for (int64_t g = 0; g < G; g++) {
-        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qp + n * (K / 2) + g * 16));
-        __m128i even = _mm_and_si128(raw, low4);
-        __m128i odd = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-        __m128i first = _mm_unpacklo_epi8(even, odd), second = _mm_unpackhi_epi8(even, odd);
-        __m256 dv = _mm256_set1_ps(dp[n * G + g]), mv = _mm256_set1_ps(mp[n * G + g]);
+        const uint8_t* group = qp + n * (K / 2) + g * 16;
+        const __m256 dv = _mm256_set1_ps(dp[n * G + g]), mv = _mm256_set1_ps(mp[n * G + g]);
         float* out = wp + n * K + g * 32;
-        _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(first)), dv, mv));
-        _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(first, 8))), dv, mv));
-        _mm256_storeu_ps(out + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(second)), dv, mv));
-        _mm256_storeu_ps(out + 24, _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(second, 8))), dv, mv));
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * k, _mm256_fmadd_ps(codes8(group, k, shifts, low4), dv, mv));
       }
   });
   return torch::from_blob(wp, {N, K}, torch::TensorOptions().dtype(torch::kFloat32));
