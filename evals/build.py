@@ -24,7 +24,7 @@ import importlib
 import inspect
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,7 @@ from ttc.budget import Budget, Ledger
 from ttc.evals.datasets import Dataset
 
 __all__ = ["ConfigError", "locate", "instantiate", "allowed_targets", "accepts", "missing_keys", "build_dataset",
-           "eval_split", "train_split", "TRAIN_SEED_OFFSET", "load_model", "proposer_factory", "build_strategy",
+           "eval_split", "dataset_start", "from_start", "train_split", "TRAIN_SEED_OFFSET", "load_model", "proposer_factory", "build_strategy",
            "build_verifier", "build_allocation", "build_run", "Run", "run_names", "run_label"]
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,28 @@ def instantiate(node: Any, name: str = "config", allowed: tuple[str, ...] = (), 
 
 # --- datasets ---------------------------------------------------------------------------------
 
+# Dataset keys the runner applies to the built dataset (loaders never see them): `start` (the first
+# problems left out: dataset.start=160 dataset.limit=200 evaluates positions 160-199) and `shard`.
+RUNNER_DATASET_KEYS = ("start", "shard")
+
+
 def eval_split(cfg: dict) -> dict:
-    """The evaluated split: the dataset config without its `train_*` keys and its `shard` (which the runner
-    takes after the dataset is built: ttc.evals.shard; loaders never see it)."""
-    return {k: v for k, v in cfg.items() if not k.startswith("train_") and k != "shard"}
+    """The evaluated split: the dataset config without its `train_*` keys and the keys the runner takes
+    after the dataset is built (RUNNER_DATASET_KEYS: `start`, `shard`, ttc.evals.shard)."""
+    return {k: v for k, v in cfg.items() if not k.startswith("train_") and k not in RUNNER_DATASET_KEYS}
+
+
+def dataset_start(cfg: dict) -> int:
+    """`dataset.start` (0 without it): how many of the dataset's first problems the run leaves out."""
+    start = cfg.get("start") or 0
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ConfigError(f"dataset.start must be an integer >= 0 (the first problems left out), got {start!r}")
+    return start
+
+
+def from_start(dataset: Dataset, start: int) -> Dataset:
+    """The dataset without its first `start` problems (each keeps its id, hence its seed: ttc.graph.problem_seed)."""
+    return replace(dataset, problems=dataset.problems[start:]) if start else dataset
 
 
 def train_split(cfg: dict) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ttc.budget import CannotAttempt, Ledger
 from ttc.evals import metrics
-from ttc.evals.build import Run, build_dataset, build_run, eval_split, locate, run_label, run_names
+from ttc.evals.build import Run, build_dataset, build_run, dataset_start, eval_split, from_start, locate, run_label, run_names
 from ttc.evals.datasets import Dataset
 from ttc.evals.driver import Progress, log_failure, sigterm_as_interrupt, solve_all
 from ttc.evals.results import OutputFolder, ResumeError
@@ -56,11 +56,12 @@ def run_eval(cfg: dict, out_dir: str | os.PathLike, names: dict | None = None) -
     """
     started = time.perf_counter()
     shard_index, shard_count = shard_settings(cfg["dataset"])  # refused before the folder is touched
+    start = dataset_start(cfg["dataset"])
     folder = OutputFolder(out_dir)
     names = run_names(cfg, names)
     done = folder.results.load()
     folder.check_resumable(cfg, has_records=bool(done))
-    whole = build_dataset(eval_split(cfg["dataset"]))
+    whole = from_start(build_dataset(eval_split(cfg["dataset"])), start)  # the shards split what is left
     shard = Shard(shard_index, shard_count, len(whole))
     dataset = shard.select(whole)  # everything: shard 0 of 1
     folder.note_run(shard=shard.info(whole), description=describe_run(cfg, names, dataset.name))

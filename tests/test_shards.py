@@ -133,6 +133,22 @@ def test_a_shards_folder_does_not_resume_another_shard(tiny_llama_dir, runs):
         run_eval(config(tiny_llama_dir, *shard(1, 3)), runs / "shard0")
 
 
+def test_a_run_from_a_start_solves_the_whole_runs_later_problems_and_resumes_back_to_the_first(
+        tiny_llama_dir, runs, tmp_path):
+    run_eval(config(tiny_llama_dir, "dataset.start=3"), tmp_path / "tail")
+    assert without_history(records(tmp_path / "tail")) == without_history(records(runs / "whole"))[3:]
+    # dataset.start may change on resume (like limit): the folder keeps its records and adds the first three
+    run_eval(config(tiny_llama_dir), tmp_path / "tail")
+    assert [r["id"] for r in records(tmp_path / "tail")] == IDS[3:] + IDS[:3]
+
+
+@pytest.mark.parametrize("start", ["-1", "true", "'3'"])
+def test_a_start_that_is_not_a_count_of_problems_is_refused(tiny_llama_dir, tmp_path, start):
+    with pytest.raises(ConfigError, match="dataset.start must be an integer >= 0"):
+        run_eval(config(tiny_llama_dir, f"dataset.start={start}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unsharded_run_keeps_the_fingerprint_of_folders_from_before_shards(tiny_llama_dir, tmp_path):
     from ttc.evals.results import check_resumable
 
