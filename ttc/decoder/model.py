@@ -9,6 +9,9 @@ Options, each with the plain path as its twin (tests/test_decode_modes.py):
   and the KV cache stay in `dtype`); int4 takes a GGUF's own Q4_1 blocks when given (`q4_1`).
 - `batch_invariant`: linears and attention whose per-row results do not depend on the batch
   (kernels/invariant.py), so a sequence's tokens do not depend on what shares its decode steps.
+- int4 where ttc's C++ CPU kernels build (float32 or bfloat16 activations): the work between two attention
+  calls as two C++ calls per layer (`fused`; kernels/int4_cpu.py's FusedLayer), the same arithmetic as the
+  eager layer, and decode attention's private part read in place (`private_attention`).
 - `compile`: the work between two attention calls (o-proj, MLP, norms, the next qkv-proj and rotary)
   runs as one torch.compile'd (inductor) function of the layer's tensors, so one graph serves every
   layer; attention and the KV writes stay eager. See `ttc/decoder/compiled.py`.
@@ -63,11 +66,15 @@ class Transformer(torch.nn.Module):
         # the model's dtype in every weight format: it is where near-ties between tokens are decided.
         head = Linear(self.embed if state["lm_head"] is state["embed"] else w("lm_head"))
         self.rms_norm = kernels.rms_norm
-        if weights == "int4" and dtype == torch.float32 and not batch_invariant and int4_cpu.available():
+        self.private_attention = None  # decode attention's private part: gathered, then ATen's flash kernel
+        own_kernels = weights == "int4" and not batch_invariant and int4_cpu.available()  # ttc's C++ CPU kernels
+        if own_kernels and dtype == torch.float32:
             # int4 on ttc's float32 kernels: the head as int8 codes where that is its exact weight (a Q8_0 head
             # in the GGUF, as the embedded model's); kernels/int4_cpu.py says why and when
             head = Int8HeadLinear.exact_from_float(head.weight) or head
             self.rms_norm = int4_cpu.rms_norm  # one C++ pass instead of ~7 ops; rounds unlike PyTorch's
+        if own_kernels and dtype in (torch.float32, torch.bfloat16) and cfg.head_dim % 8 == 0:
+            self.private_attention = int4_cpu.paged_partial  # read in place: one call, not two gathers + flash
         self.lm_head = InvariantLinear(head, cfg.hidden_size, dtype) if batch_invariant else head
         self.norm = state["norm"].float()
         self.layers = []
@@ -81,6 +88,12 @@ class Transformer(torch.nn.Module):
                 "gate_up": linear(p + "gate_up"),  # H -> 2*I
                 "down": linear(p + "down"),  # I -> H
             })
+        # int4 where ttc's C++ kernels build: each layer's work between attention calls as two C++ calls (their
+        # twin: the eager forward, which `fused = None` runs; kernels/int4_cpu.py's FusedLayer)
+        self.fused = None
+        if own_kernels:
+            self.fused = int4_cpu.FusedLayer.build_all(self.layers, self.norm, cfg.num_heads, cfg.num_kv_heads,
+                                                       cfg.rms_norm_eps, dtype)
         self.compiled = None
         if compile:
             from .compiled import CompiledLayers
@@ -109,6 +122,8 @@ class Transformer(torch.nn.Module):
                 log.warning("torch.compile failed (%s: %s); the model runs eager", type(e).__name__,
                             str(e).splitlines()[0] if str(e) else "")
                 self.compiled = None
+        if self.fused is not None:
+            return self._forward_fused(tokens, positions, k_cache, v_cache, new_slots, attn, logits_rows, return_hidden)
         cfg = self.cfg
         T = tokens.shape[0]
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -153,6 +168,19 @@ class Transformer(torch.nn.Module):
                                     None if last else c.parts[i + 1]["qkv"])
         return self._head(h, logits_rows, return_hidden)
 
+    def _forward_fused(self, tokens, positions, k_cache, v_cache, new_slots, attn, logits_rows, return_hidden):
+        """`forward` with each layer's work between attention calls in two C++ calls (kernels/int4_cpu.py)."""
+        T, Hq, D = tokens.shape[0], self.cfg.num_heads, self.cfg.head_dim
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D/2) each
+        decode = isinstance(attn, DecodePlan)
+        x = self.embed[tokens]  # (T, H)
+        h = self.rms_norm(x, self.layers[0]["attn_norm"], self.cfg.rms_norm_eps)
+        for i, layer in enumerate(self.fused):
+            q = layer.before_attention(h, cos, sin, k_cache[i], v_cache[i], new_slots)
+            a = self._attention(q, k_cache[i], v_cache[i], attn, decode)
+            x, h = layer.after_attention(a.reshape(T, Hq * D), x)
+        return self._head(h, logits_rows, return_hidden)
+
     def _attention(self, q, k_cache, v_cache, attn, decode: bool):
         """q (T, Hq, D) -> (T, Hq, D) for one layer, by the plan's kind (decode or prefill)."""
         if self.batch_invariant:
@@ -160,7 +188,7 @@ class Transformer(torch.nn.Module):
                 return invariant.decode_attention(q, k_cache, v_cache, attn, self.scale)
             return invariant.prefill_attention(q, k_cache, v_cache, attn, self.scale)
         if decode:
-            return kernels.decode_attention(q, k_cache, v_cache, attn, self.scale)
+            return kernels.decode_attention(q, k_cache, v_cache, attn, self.scale, self.private_attention)
         return kernels.prefill_attention(q.contiguous(), k_cache, v_cache, attn, self.scale)
 
     def _head(self, h, logits_rows, return_hidden: bool):
