@@ -19,53 +19,63 @@
 // separate products and a sum (this file is built with -ffp-contract=off, so no compiler FMA changes a rounding),
 // SiLU and its product through ATen's own kernels (its vectorized exp is not libm's).
 
-// RMSNorm rows of x into y (both (T, H)), as `rms_norm` below.
-// h (T, H) -> q (T, Hq, D): the qkv projection (+ bias), rotary on q and k from the rows' cos, sin (T, D/2)
-// (out = [x1 c - x2 s, x2 c + x1 s] for the halves x1, x2), and k, v written to the caches (S, Hkv, D) at slots (T,).
+// qkv (T, (Hq + 2 Hkv) D) in T_ (float or bfloat16) -> q (T, Hq, D): rotary on q and k from the rows' cos, sin
+// (T, D/2) float32 (out = [x1 c - x2 s, x2 c + x1 s] for the halves x1, x2, in float32, rounded once to T_ as
+// the eager path's .to(dtype) does), and k, v written to the caches (S, Hkv, D) at slots (T,).
+template <typename T_>
+torch::Tensor rotary_and_write(const torch::Tensor& qkv_in, const torch::Tensor& cos, const torch::Tensor& sin,
+                               torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                               int64_t Hq, int64_t Hkv) {
+  const auto dtype = qkv_in.scalar_type();
+  const int64_t T = qkv_in.size(0);
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == dtype &&
+              v_cache.scalar_type() == dtype && k_cache.size(1) == Hkv,
+              "attn_in: k_cache and v_cache must be (S, Hkv, D) in the activations' dtype, contiguous");
+  const int64_t S = k_cache.size(0), D = k_cache.size(2), half = D / 2, W = (Hq + 2 * Hkv) * D;
+  TORCH_CHECK(D % 2 == 0 && qkv_in.size(1) == W, "attn_in: the projection's width is not (Hq + 2 Hkv) * D");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat32 &&
+              sin.scalar_type() == torch::kFloat32 && cos.dim() == 2 && cos.size(0) == T && cos.size(1) == half &&
+              sin.sizes() == cos.sizes(), "attn_in: cos and sin must be (T, D/2) float32, contiguous");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T && slots.scalar_type() == torch::kLong,
+              "attn_in: slots must be (T,) int64");
+  auto q = torch::empty({T, Hq, D}, qkv_in.options());
+  auto slots_c = slots.contiguous();
+  auto qkv = qkv_in.contiguous();
+  const int64_t* sp = slots_c.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; t++) TORCH_CHECK(sp[t] >= 0 && sp[t] < S, "attn_in: a slot is outside the cache");
+  const T_* src = qkv.data_ptr<T_>();
+  const float* cp = cos.data_ptr<float>();
+  const float* snp = sin.data_ptr<float>();
+  T_* qp = q.data_ptr<T_>();
+  T_* kp = k_cache.data_ptr<T_>();
+  T_* vp = v_cache.data_ptr<T_>();
+  for (int64_t t = 0; t < T; t++) {
+    const float* c = cp + t * half;
+    const float* s = snp + t * half;
+    const T_* row = src + t * W;
+    for (int64_t head = 0; head < Hq + Hkv; head++) {
+      const T_* x = row + head * D;
+      T_* out = head < Hq ? qp + (t * Hq + head) * D : kp + (sp[t] * Hkv + head - Hq) * D;
+      for (int64_t j = 0; j < half; j++) {
+        const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[j + half]);
+        out[j] = T_(x1 * c[j] - x2 * s[j]);  // bfloat16: rounded to nearest even, as .to(bfloat16)
+        out[j + half] = T_(x2 * c[j] + x1 * s[j]);
+      }
+    }
+    std::memcpy(vp + sp[t] * Hkv * D, row + (Hq + Hkv) * D, sizeof(T_) * Hkv * D);
+  }
+  return q;
+}
+
+// h (T, H) float32 -> q (T, Hq, D): the qkv projection on ttc's int4 kernel (+ bias), then `rotary_and_write`.
 torch::Tensor attn_in(const torch::Tensor& h, const torch::Tensor& nibbles, const torch::Tensor& d,
                       const torch::Tensor& m, const c10::optional<torch::Tensor>& bias, const torch::Tensor& cos,
                       const torch::Tensor& sin, torch::Tensor k_cache, torch::Tensor v_cache,
                       const torch::Tensor& slots, int64_t num_heads, int64_t num_kv_heads) {
   auto qkv = int4_linear(h, nibbles, d, m);
   if (bias.has_value()) qkv.add_(*bias);  // Qwen2's qkv bias: the eager path's _add_bias, one ATen op
-  const int64_t T = h.size(0), Hq = num_heads, Hkv = num_kv_heads;
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-              k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == torch::kFloat32 &&
-              v_cache.scalar_type() == torch::kFloat32 && k_cache.size(1) == Hkv,
-              "attn_in: k_cache and v_cache must be (S, Hkv, D) float32, contiguous");
-  const int64_t S = k_cache.size(0), D = k_cache.size(2), half = D / 2, W = (Hq + 2 * Hkv) * D;
-  TORCH_CHECK(D % 2 == 0 && qkv.size(1) == W, "attn_in: the projection's width is not (Hq + 2 Hkv) * D");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat32 &&
-              sin.scalar_type() == torch::kFloat32 && cos.dim() == 2 && cos.size(0) == T && cos.size(1) == half &&
-              sin.sizes() == cos.sizes(), "attn_in: cos and sin must be (T, D/2) float32, contiguous");
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T && slots.scalar_type() == torch::kLong,
-              "attn_in: slots must be (T,) int64");
-  auto q = torch::empty({T, Hq, D}, h.options());
-  auto slots_c = slots.contiguous();
-  const int64_t* sp = slots_c.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; t++) TORCH_CHECK(sp[t] >= 0 && sp[t] < S, "attn_in: a slot is outside the cache");
-  const float* src = qkv.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* snp = sin.data_ptr<float>();
-  float* qp = q.data_ptr<float>();
-  float* kp = k_cache.data_ptr<float>();
-  float* vp = v_cache.data_ptr<float>();
-  for (int64_t t = 0; t < T; t++) {
-    const float* c = cp + t * half;
-    const float* s = snp + t * half;
-    const float* row = src + t * W;
-    for (int64_t head = 0; head < Hq + Hkv; head++) {
-      const float* x = row + head * D;
-      float* out = head < Hq ? qp + (t * Hq + head) * D : kp + (sp[t] * Hkv + head - Hq) * D;
-      for (int64_t j = 0; j < half; j++) {
-        const float x1 = x[j], x2 = x[j + half];
-        out[j] = x1 * c[j] - x2 * s[j];
-        out[j + half] = x2 * c[j] + x1 * s[j];
-      }
-    }
-    std::memcpy(vp + sp[t] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * Hkv * D);
-  }
-  return q;
+  return rotary_and_write<float>(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads);
 }
 
 // After attention: x += o(a); h = norm(x); x += down(silu(gate) * up) for [gate, up] = gate_up(h);
@@ -203,6 +213,7 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& w, doub
   return at::rms_norm(x.to(torch::kFloat32), {x.size(1)}, w, eps).to(x.scalar_type());
 }
 
+// h (T, H) bfloat16 -> q (T, Hq, D): the qkv projection on PyTorch's int4 kernel (+ bias), then `rotary_and_write`.
 torch::Tensor attn_in_bf16(const torch::Tensor& h, const torch::Tensor& packed, const torch::Tensor& sz,
                            const c10::optional<torch::Tensor>& bias, const torch::Tensor& cos, const torch::Tensor& sin,
                            torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& slots, int64_t num_heads,
@@ -210,46 +221,7 @@ torch::Tensor attn_in_bf16(const torch::Tensor& h, const torch::Tensor& packed, 
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kBFloat16, "attn_in_bf16: h must be (T, H) bfloat16");
   auto qkv = int4pack_linear(h, packed, sz);
   if (bias.has_value()) qkv = qkv + bias->to(qkv.scalar_type());
-  const int64_t T = h.size(0), Hq = num_heads, Hkv = num_kv_heads;
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-              k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == torch::kBFloat16 &&
-              v_cache.scalar_type() == torch::kBFloat16 && k_cache.size(1) == Hkv,
-              "attn_in_bf16: k_cache and v_cache must be (S, Hkv, D) bfloat16, contiguous");
-  const int64_t S = k_cache.size(0), D = k_cache.size(2), half = D / 2, W = (Hq + 2 * Hkv) * D;
-  TORCH_CHECK(D % 2 == 0 && qkv.size(1) == W, "attn_in_bf16: the projection's width is not (Hq + 2 Hkv) * D");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat32 &&
-              sin.scalar_type() == torch::kFloat32 && cos.dim() == 2 && cos.size(0) == T && cos.size(1) == half &&
-              sin.sizes() == cos.sizes(), "attn_in_bf16: cos and sin must be (T, D/2) float32, contiguous");
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T && slots.scalar_type() == torch::kLong,
-              "attn_in_bf16: slots must be (T,) int64");
-  auto q = torch::empty({T, Hq, D}, h.options());
-  auto slots_c = slots.contiguous();
-  auto qkv_c = qkv.contiguous();
-  const int64_t* sp = slots_c.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; t++) TORCH_CHECK(sp[t] >= 0 && sp[t] < S, "attn_in_bf16: a slot is outside the cache");
-  using bf16 = c10::BFloat16;
-  const bf16* src = qkv_c.data_ptr<bf16>();
-  const float* cp = cos.data_ptr<float>();
-  const float* snp = sin.data_ptr<float>();
-  bf16* qp = q.data_ptr<bf16>();
-  bf16* kp = k_cache.data_ptr<bf16>();
-  bf16* vp = v_cache.data_ptr<bf16>();
-  for (int64_t t = 0; t < T; t++) {
-    const float* c = cp + t * half;
-    const float* s = snp + t * half;
-    const bf16* row = src + t * W;
-    for (int64_t head = 0; head < Hq + Hkv; head++) {
-      const bf16* x = row + head * D;
-      bf16* out = head < Hq ? qp + (t * Hq + head) * D : kp + (sp[t] * Hkv + head - Hq) * D;
-      for (int64_t j = 0; j < half; j++) {
-        const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[j + half]);
-        out[j] = bf16(x1 * c[j] - x2 * s[j]);  // rounded to nearest even, as .to(bfloat16)
-        out[j + half] = bf16(x2 * c[j] + x1 * s[j]);
-      }
-    }
-    std::memcpy(vp + sp[t] * Hkv * D, row + (Hq + Hkv) * D, sizeof(bf16) * Hkv * D);
-  }
-  return q;
+  return rotary_and_write<c10::BFloat16>(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads);
 }
 
 std::tuple<torch::Tensor, torch::Tensor> attn_out_mlp_bf16(
