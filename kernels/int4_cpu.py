@@ -153,10 +153,12 @@ class Int8HeadLinear:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (T, H) float32 -> RMSNorm(x) * weight in one C++ pass per row; twin: `ttc.kernels.rms_norm_reference`.
+    """x (T, H) float32 or bfloat16 -> RMSNorm(x) * weight in one C++ pass per row (float32 math, rounded once);
+    twin: `ttc.kernels.rms_norm_reference`.
 
-    Used by int4 models on ttc's kernels only (ttc/decoder/model.py): its rounding is not PyTorch's."""
-    if x.dim() == 2 and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.shape[1] % 8 == 0:
+    Used by int4 models where ttc's kernels build (ttc/decoder/model.py): its rounding is not PyTorch's."""
+    if (x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32
+            and x.shape[1] % 8 == 0):
         return torch.ops.ttc_cpu.rms_norm(x, weight, eps)
     from .norm import rms_norm_reference
 

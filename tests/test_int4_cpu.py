@@ -145,6 +145,19 @@ def test_the_one_pass_rms_norm_equals_the_reference_to_float32_rounding(rows):
     assert torch.equal(int4_cpu.rms_norm(x[:1], w, 1e-5), int4_cpu.rms_norm(x, w, 1e-5)[:1])
 
 
+@pytest.mark.parametrize("rows", [1, 70])
+def test_the_one_pass_rms_norm_of_bfloat16_rows_is_the_float32_norm_rounded_once(rows):
+    from ttc.kernels import rms_norm_reference
+
+    g = torch.Generator().manual_seed(rows)
+    x, w = (torch.randn(rows, 576, generator=g) * 3).to(torch.bfloat16), torch.randn(576, generator=g)
+    y = int4_cpu.rms_norm(x, w, 1e-5)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, int4_cpu.rms_norm(x.float(), w, 1e-5).to(torch.bfloat16))  # the float32 norm, rounded
+    # PyTorch's float32 norm sums in another order: at most one bfloat16 step apart
+    torch.testing.assert_close(y.float(), rms_norm_reference(x, w, 1e-5).float(), rtol=2 ** -7, atol=0)
+
+
 # --- the fused layer: two C++ calls per layer, the eager layer's bits --------------------------------------
 
 @pytest.fixture(params=[("llama", torch.float32), ("qwen2", torch.float32), ("llama", torch.bfloat16),

@@ -117,12 +117,6 @@ std::tuple<torch::Tensor, torch::Tensor> attn_out_mlp(
 // for ~150 keys); this reads each key and value row once where it lies. Scores are float32 dot products of
 // 8-wide FMAs, exp is libm's: the rounding is not the flash kernel's (tests compare them within float32 error).
 // A row with no valid key gets (0, -inf), as the reference defines it.
-// 8 values of a float32 or bfloat16 row as float32 (bfloat16 is the high half of a float32: a shift, exact).
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-
 template <typename T>
 void paged_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* sp, const float* bp, float* op,
                           float* lp, int64_t b, int64_t Hkv, int64_t G, int64_t D, int64_t P, float scale) {
@@ -201,16 +195,19 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(const torch::Tensor& q,
 }
 
 // --- the fused layer for int4 with bfloat16 activations (PyTorch's int4 kernel) ------------------------------
-// The same calls as the eager bfloat16 layer (ttc/kernels/quant.py's int4_linear, norm.py's rms_norm_cpu, the
-// SiLU product, the residual adds), made from C++ (a dispatch each, no Python); rotary and the K/V writes as
-// loops in float32 rounded once to bfloat16, as the eager path's float32 rotary and .to(bfloat16) do.
+// The same calls as the eager bfloat16 layer (ttc/kernels/quant.py's int4_linear, the SiLU product, the
+// residual adds), made from C++ (a dispatch each, no Python); its norms are int4_cpu.cpp's one-pass RMSNorm, as
+// the eager layer's are in these models; rotary and the K/V writes as loops in float32 rounded once to
+// bfloat16, as the eager path's float32 rotary and .to(bfloat16) do.
 
 torch::Tensor int4pack_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz) {
   return at::_weight_int4pack_mm_for_cpu(x.contiguous(), packed, x.size(1) / sz.size(0), sz);
 }
 
-torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  return at::rms_norm(x.to(torch::kFloat32), {x.size(1)}, w, eps).to(x.scalar_type());
+torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& w, double eps) {  // as int4_cpu.rms_norm
+  auto y = torch::empty_like(x);
+  rms_norm_rows(x.data_ptr<c10::BFloat16>(), w.data_ptr<float>(), y.data_ptr<c10::BFloat16>(), x.size(0), x.size(1), eps);
+  return y;
 }
 
 // h (T, H) bfloat16 -> q (T, Hq, D): the qkv projection on PyTorch's int4 kernel (+ bias), then `rotary_and_write`.

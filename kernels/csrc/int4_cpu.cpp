@@ -175,35 +175,59 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
   return y;
 }
 
-// RMSNorm of float32 rows, y = x / sqrt(mean(x^2) + eps) * w, in one pass per row: x (T, H), w (H,).
+// RMSNorm of float32 or bfloat16 rows, y = x / sqrt(mean(x^2) + eps) * w in float32 (bfloat16 rounded once at
+// the end, as PyTorch's float32 norm and .to(bfloat16)), in one pass per row: x (T, H), w (H,) float32.
 // Why: PyTorch's CPU rms_norm runs as ~7 element-wise ops (~40 us at decode sizes, 61 per step of the
 // embedded model: 12% of an int4 one-stream step). Its sum of squares is taken in another order than
-// PyTorch's, so it runs only where ttc's int4 kernels do, never in the float32 reference mode.
-void rms_norm_rows(const float* xp, const float* wp, float* yp, int64_t T, int64_t H, double eps) {
-  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {  // inline, without a thread launch, below 64 rows
+// PyTorch's, so it runs only where ttc's int4 kernels do (float32 or bfloat16), never in a reference mode.
+namespace {
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {  // rounded to nearest even, as PyTorch's .to(bfloat16)
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  for (int i = 0; i < 8; i++) p[i] = c10::BFloat16(f[i]);
+}
+
+template <typename T>
+void rms_norm_rows_of(const T* xp, const float* wp, T* yp, int64_t T_rows, int64_t H, double eps) {
+  at::parallel_for(0, T_rows, 64, [&](int64_t t0, int64_t t1) {  // inline, without a thread launch, below 64 rows
     for (int64_t t = t0; t < t1; t++) {
-      const float* xr = xp + t * H;
+      const T* xr = xp + t * H;
       __m256 acc = _mm256_setzero_ps();
       for (int64_t i = 0; i < H; i += 8) {
-        __m256 v = _mm256_loadu_ps(xr + i);
+        __m256 v = load8(xr + i);
         acc = _mm256_fmadd_ps(v, v, acc);
       }
       const __m256 scale = _mm256_set1_ps(1.0f / std::sqrt(hsum(acc) / static_cast<float>(H) + static_cast<float>(eps)));
       for (int64_t i = 0; i < H; i += 8)
-        _mm256_storeu_ps(yp + t * H + i,
-                         _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), scale), _mm256_loadu_ps(wp + i)));
+        store8(yp + t * H + i, _mm256_mul_ps(_mm256_mul_ps(load8(xr + i), scale), _mm256_loadu_ps(wp + i)));
     }
   });
 }
 
+}  // namespace
+
+void rms_norm_rows(const float* xp, const float* wp, float* yp, int64_t T, int64_t H, double eps) {
+  rms_norm_rows_of(xp, wp, yp, T, H, eps);
+}
+void rms_norm_rows(const c10::BFloat16* xp, const float* wp, c10::BFloat16* yp, int64_t T, int64_t H, double eps) {
+  rms_norm_rows_of(xp, wp, yp, T, H, eps);
+}
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32 &&
-              w.dim() == 1 && w.size(0) == x.size(1) && x.size(1) % 8 == 0,
-              "rms_norm: x (T, H) and w (H,) float32 with H a multiple of 8");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.dim() == 2 && (dtype == torch::kFloat32 || dtype == torch::kBFloat16) &&
+              w.scalar_type() == torch::kFloat32 && w.dim() == 1 && w.size(0) == x.size(1) && x.size(1) % 8 == 0,
+              "rms_norm: x (T, H) float32 or bfloat16 and w (H,) float32 with H a multiple of 8");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   auto y = torch::empty({x.size(0), x.size(1)}, x.options());
-  rms_norm_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), eps);
+  if (dtype == torch::kFloat32)
+    rms_norm_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), eps);
+  else
+    rms_norm_rows(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<float>(), y.data_ptr<c10::BFloat16>(), x.size(0),
+                  x.size(1), eps);
   return y;
 }
 

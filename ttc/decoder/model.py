@@ -72,9 +72,10 @@ class Transformer(torch.nn.Module):
             # int4 on ttc's float32 kernels: the head as int8 codes where that is its exact weight (a Q8_0 head
             # in the GGUF, as the embedded model's); kernels/int4_cpu.py says why and when
             head = Int8HeadLinear.exact_from_float(head.weight) or head
-            self.rms_norm = int4_cpu.rms_norm  # one C++ pass instead of ~7 ops; rounds unlike PyTorch's
-        if own_kernels and dtype in (torch.float32, torch.bfloat16) and cfg.head_dim % 8 == 0:
-            self.private_attention = int4_cpu.paged_partial  # read in place: one call, not two gathers + flash
+        if own_kernels and dtype in (torch.float32, torch.bfloat16):
+            self.rms_norm = int4_cpu.rms_norm  # one C++ pass instead of ~3-7 ops; rounds unlike PyTorch's
+            if cfg.head_dim % 8 == 0:  # read in place: one call, not two gathers and the flash kernel
+                self.private_attention = int4_cpu.paged_partial
         self.lm_head = InvariantLinear(head, cfg.hidden_size, dtype) if batch_invariant else head
         self.norm = state["norm"].float()
         self.layers = []
