@@ -32,8 +32,9 @@ from ttc.budget import Budget, Ledger
 from ttc.evals.datasets import Dataset
 
 __all__ = ["ConfigError", "locate", "instantiate", "allowed_targets", "accepts", "missing_keys", "build_dataset",
-           "eval_split", "dataset_start", "from_start", "train_split", "TRAIN_SEED_OFFSET", "load_model", "proposer_factory", "build_strategy",
-           "build_verifier", "build_allocation", "build_run", "Run", "run_names", "run_label"]
+           "eval_split", "dataset_start", "from_start", "train_split", "TRAIN_SEED_OFFSET", "load_model",
+           "proposer_factory", "build_strategy", "build_verifier", "build_allocation", "build_run", "Run", "run_names",
+           "run_label"]
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 
 RESULTS, SUMMARY, FAILURES, RUN_INFO, TRAINING = ("results.jsonl", "summary.json", "failures.jsonl", "run.json",
                                                   "training.json")
-# Keys that may change between a run and its resumption: how many problems, how to treat bad rows,
+# Keys that may change between a run and its resumption: which problems (limit, start), how to treat bad rows,
 # the progress bar, CPU threads and the KV pool's size. Everything else must match.
-RESUMABLE_CHANGES = ("dataset.limit", "dataset.start", "dataset.on_error", "progress", "model.threads", "model.kv_cache_gb",
-                     "concurrency", "record_trees")
+RESUMABLE_CHANGES = ("dataset.limit", "dataset.start", "dataset.on_error", "progress", "model.threads",
+                     "model.kv_cache_gb", "concurrency", "record_trees")
 
 
 class ResumeError(RuntimeError):

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ttc.budget import CannotAttempt, Ledger
 from ttc.evals import metrics
-from ttc.evals.build import Run, build_dataset, build_run, dataset_start, eval_split, from_start, locate, run_label, run_names
+from ttc.evals.build import (Run, build_dataset, build_run, dataset_start, eval_split, from_start, locate, run_label,
+                             run_names)
 from ttc.evals.datasets import Dataset
 from ttc.evals.driver import Progress, log_failure, sigterm_as_interrupt, solve_all
 from ttc.evals.results import OutputFolder, ResumeError

@@ -200,7 +200,8 @@ class FusedLayer:
             return getattr(lin, weight, None) is not None and (bias_ok or getattr(lin, "bias", None) is None)
 
         for layer in layers:
-            if not (on_kernel(layer["qkv"], True) and all(on_kernel(layer[k], False) for k in ("o", "gate_up", "down"))):
+            others = (layer[k] for k in ("o", "gate_up", "down"))
+            if not (on_kernel(layer["qkv"], True) and all(on_kernel(lin, False) for lin in others)):
                 return None
         norms = [layer["attn_norm"] for layer in layers[1:]] + [final_norm]
         return [cls(layer, norm, num_heads, num_kv_heads, eps, dtype == torch.bfloat16)
@@ -208,7 +209,8 @@ class FusedLayer:
 
     def before_attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """h (T, H), the rows' rotary cos and sin (T, D/2), one layer's caches (S, Hkv, D), slots (T,) -> q (T, Hq, D)."""
+        """h (T, H), the rows' rotary cos and sin (T, D/2), one layer's caches (S, Hkv, D), slots (T,)
+        -> q (T, Hq, D)."""
         qkv = self.qkv
         if self.bf16:
             return torch.ops.ttc_cpu.attn_in_bf16(h, qkv.packed, qkv.scales_and_zeros, qkv.bias, cos, sin, k_cache,
@@ -231,8 +233,7 @@ class FusedLayer:
 def paged_partial(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                   bias: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The private part of decode attention read where the keys lie: q (b, Hkv, G, D) float32 or bfloat16 (the
-    caches' dtype), slots (b, P),
-    bias (b, 1, 1, P) -> (o (b, Hkv, G, D), lse (b, Hkv, G)); ttc.kernels.attention's `_partial` on gathered
-    keys is its twin. The decode path of int4 models on these kernels (ttc/decoder/model.py)."""
+    caches' dtype), slots (b, P), bias (b, 1, 1, P) float32 or bfloat16 -> (o (b, Hkv, G, D), lse (b, Hkv, G));
+    ttc.kernels.attention's `_partial` on gathered keys is its twin. The decode path of int4 models on these kernels (ttc/decoder/model.py)."""
     b, p = slots.shape
-    return torch.ops.ttc_cpu.paged_attention(q, k_cache, v_cache, slots, bias.reshape(b, p).float(), scale)
+    return torch.ops.ttc_cpu.paged_attention(q, k_cache, v_cache, slots, bias.reshape(b, p), scale)

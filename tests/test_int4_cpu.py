@@ -222,7 +222,8 @@ def test_paged_attention_equals_gathered_keys_through_the_reference_softmax_incl
     counts = torch.tensor([20, 7, 1, 0])  # the last row has no valid key: (0, -inf) by definition
     bias = torch.zeros(b, 1, 1, P).masked_fill_((torch.arange(P)[None, :] >= counts[:, None])[:, None, None, :],
                                                 float("-inf"))
-    o, lse = int4_cpu.paged_partial(q, k_cache, v_cache, slots, bias, 0.125)
+    o, lse = int4_cpu.paged_partial(q, k_cache, v_cache, slots, bias.to(dtype), 0.125)  # the plan's dtype, the model's
+    assert torch.equal(o, int4_cpu.paged_partial(q, k_cache, v_cache, slots, bias, 0.125)[0])  # or float32: the same
     k = k_cache[slots].permute(0, 2, 1, 3)  # (b, Hkv, P, D)
     v = v_cache[slots].permute(0, 2, 1, 3)
     o_ref, lse_ref = _partial_reference(q.float(), k.float(), v.float(), bias, 0.125)  # bfloat16 in, float32 math

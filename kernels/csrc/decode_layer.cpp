@@ -78,47 +78,46 @@ torch::Tensor attn_in(const torch::Tensor& h, const torch::Tensor& nibbles, cons
   return rotary_and_write<float>(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads);
 }
 
-// After attention: x += o(a); h = norm(x); x += down(silu(gate) * up) for [gate, up] = gate_up(h);
-// returns (x, next_norm(x)). a (T, Hq*D), x (T, H) (not modified).
+// After attention: x + o(a) = mid; h = norm(mid); out = mid + down(silu(gate) * up) for [gate, up] = gate_up(h);
+// returns (out, next_norm(out)). a (T, Hq*D), x (T, H) (not modified); `linear(input, layer)` is the int4 matmul
+// of the activations' dtype, layer 0, 1, 2 = o, gate_up, down. The eager layer's ATen ops (the residual adds,
+// SiLU and its product) and its norm (`rms_norm`, int4_cpu.cpp), in its order.
+template <typename Linear>
+std::tuple<torch::Tensor, torch::Tensor> mlp_block(const torch::Tensor& a, const torch::Tensor& x, Linear linear,
+                                                   const torch::Tensor& mlp_norm, const torch::Tensor& next_norm,
+                                                   double eps) {
+  TORCH_CHECK(x.dim() == 2 && a.dim() == 2 && a.scalar_type() == x.scalar_type(),
+              "attn_out_mlp: a (T, Hq*D) and x (T, H) must be 2-D, in one dtype");
+  auto mid = x + linear(a, 0);
+  auto gate_up = linear(rms_norm(mid, mlp_norm, eps), 1);  // (T, 2I)
+  const int64_t I = gate_up.size(1) / 2;
+  auto out = mid + linear(at::silu(gate_up.narrow(1, 0, I)) * gate_up.narrow(1, I, I), 2);  // as F.silu(gate) * up
+  return {out, rms_norm(out, next_norm, eps)};
+}
+
 std::tuple<torch::Tensor, torch::Tensor> attn_out_mlp(
     const torch::Tensor& a, const torch::Tensor& x, const torch::Tensor& o_nibbles, const torch::Tensor& o_d,
     const torch::Tensor& o_m, const torch::Tensor& mlp_norm, const torch::Tensor& gate_up_nibbles,
     const torch::Tensor& gate_up_d, const torch::Tensor& gate_up_m, const torch::Tensor& down_nibbles,
     const torch::Tensor& down_d, const torch::Tensor& down_m, const torch::Tensor& next_norm, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "attn_out_mlp: x must be (T, H) float32, contiguous");
-  const int64_t T = x.size(0), H = x.size(1);
-  TORCH_CHECK(mlp_norm.numel() == H && next_norm.numel() == H && mlp_norm.is_contiguous() &&
-              next_norm.is_contiguous() && H % 8 == 0, "attn_out_mlp: norms must be (H,) float32, H a multiple of 8");
-  auto mid = int4_linear(a, o_nibbles, o_d, o_m);  // (T, H), then x + o(a) in place
-  TORCH_CHECK(mid.size(1) == H, "attn_out_mlp: o's output is not H wide");
-  float* mp = mid.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < T * H; i++) mp[i] = xp[i] + mp[i];
-  auto h = torch::empty({T, H}, x.options());
-  rms_norm_rows(mp, mlp_norm.data_ptr<float>(), h.data_ptr<float>(), T, H, eps);
-  auto gate_up = int4_linear(h, gate_up_nibbles, gate_up_d, gate_up_m);  // (T, 2I)
-  const int64_t I = gate_up.size(1) / 2;
-  auto act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));  // as F.silu(gate) * up
-  auto out = int4_linear(act, down_nibbles, down_d, down_m);  // (T, H), then x + down(...)
-  TORCH_CHECK(out.size(1) == H, "attn_out_mlp: down's output is not H wide");
-  float* op = out.data_ptr<float>();
-  for (int64_t i = 0; i < T * H; i++) op[i] = mp[i] + op[i];
-  auto next = torch::empty({T, H}, x.options());
-  rms_norm_rows(op, next_norm.data_ptr<float>(), next.data_ptr<float>(), T, H, eps);
-  return {out, next};
+  const torch::Tensor* weights[3][3] = {{&o_nibbles, &o_d, &o_m}, {&gate_up_nibbles, &gate_up_d, &gate_up_m},
+                                        {&down_nibbles, &down_d, &down_m}};
+  auto linear = [&](const torch::Tensor& input, int layer) {
+    return int4_linear(input, *weights[layer][0], *weights[layer][1], *weights[layer][2]);
+  };
+  return mlp_block(a, x, linear, mlp_norm, next_norm, eps);
 }
 
 // --- decode attention straight from the paged pool (the same models) ------------------------------------------
-// q (b, Hkv, G, D) float32 or bfloat16 (the caches' dtype): one query row per sequence, grouped by KV head; slots (b, P) each row's pool slots; bias
-// (b, P): 0 or -inf (padding). Returns the softmax state (o (b, Hkv, G, D), lse (b, Hkv, G)) that the cascade
-// merges with its shared segments (ttc/kernels/attention.py). Why: the eager private part is two gathers into
-// a workspace, two permutes and ATen's flash kernel, ~10 ops and a thread launch a layer (at one stream ~45 us
-// for ~150 keys); this reads each key and value row once where it lies. Scores are float32 dot products of
+// q (b, Hkv, G, D) float32 or bfloat16 (the caches' dtype): one query row per sequence, grouped by KV head;
+// slots (b, P) each row's pool slots; bias (b, P) float32 or bfloat16: 0 or -inf (padding). Returns the
+// softmax state (o (b, Hkv, G, D), lse (b, Hkv, G)) that the cascade merges with its shared segments
+// (ttc/kernels/attention.py). Why: the eager private part is two gathers into a workspace, two permutes and
+// ATen's flash kernel, ~10 ops and a thread launch a layer (at one stream ~45 us for ~150 keys); this reads each key and value row once where it lies. Scores are float32 dot products of
 // 8-wide FMAs, exp is libm's: the rounding is not the flash kernel's (tests compare them within float32 error).
 // A row with no valid key gets (0, -inf), as the reference defines it.
-template <typename T>
-void paged_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* sp, const float* bp, float* op,
+template <typename T, typename Bias>
+void paged_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* sp, const Bias* bp, float* op,
                           float* lp, int64_t b, int64_t Hkv, int64_t G, int64_t D, int64_t P, float scale) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t work = std::max<int64_t>(1, P * G * D);
@@ -128,7 +127,7 @@ void paged_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* 
       const int64_t row = i / Hkv, head = i % Hkv;
       const T* qr = qp + i * G * D;
       for (int64_t p = 0; p < P; p++) {
-        const float bias_p = bp[row * P + p];
+        const float bias_p = static_cast<float>(bp[row * P + p]);
         const T* kr = kp + (sp[row * P + p] * Hkv + head) * D;
         for (int64_t g = 0; g < G; g++) {
           if (bias_p == neg_inf) { scores[g * P + p] = neg_inf; continue; }
@@ -171,8 +170,9 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(const torch::Tensor& q,
   TORCH_CHECK(k_cache.size(1) == Hkv && k_cache.size(2) == D && D % 8 == 0,
               "paged_attention: q's heads and dim must match the caches', D a multiple of 8");
   TORCH_CHECK(slots.dim() == 2 && slots.size(0) == b && slots.scalar_type() == torch::kLong &&
-              bias.dim() == 2 && bias.sizes() == slots.sizes() && bias.scalar_type() == torch::kFloat32,
-              "paged_attention: slots (b, P) int64 and bias (b, P) float32");
+              bias.dim() == 2 && bias.sizes() == slots.sizes() &&
+              (bias.scalar_type() == torch::kFloat32 || bias.scalar_type() == torch::kBFloat16),
+              "paged_attention: slots (b, P) int64 and bias (b, P) float32 or bfloat16");
   const int64_t P = slots.size(1);
   auto qc = q.contiguous();
   auto sc = slots.contiguous();
@@ -182,32 +182,28 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(const torch::Tensor& q,
   auto f32 = q.options().dtype(torch::kFloat32);
   auto o = torch::zeros({b, Hkv, G, D}, f32);
   auto lse = torch::empty({b, Hkv, G}, f32);
+  // the bias in the plan's dtype (the model's) or float32: read as it is, not converted once per layer
+  const float scale_f = static_cast<float>(scale);
+  auto run = [&](auto* q_rows, auto* k_rows, auto* v_rows) {
+    if (bc.scalar_type() == torch::kFloat32)
+      paged_attention_rows(q_rows, k_rows, v_rows, sp, bc.data_ptr<float>(), o.data_ptr<float>(),
+                           lse.data_ptr<float>(), b, Hkv, G, D, P, scale_f);
+    else
+      paged_attention_rows(q_rows, k_rows, v_rows, sp, bc.data_ptr<c10::BFloat16>(), o.data_ptr<float>(),
+                           lse.data_ptr<float>(), b, Hkv, G, D, P, scale_f);
+  };
   if (dtype == torch::kFloat32)
-    paged_attention_rows<float>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sp,
-                                bc.data_ptr<float>(), o.data_ptr<float>(), lse.data_ptr<float>(), b, Hkv, G, D, P,
-                                static_cast<float>(scale));
+    run(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   else
-    paged_attention_rows<c10::BFloat16>(qc.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
-                                        v_cache.data_ptr<c10::BFloat16>(), sp, bc.data_ptr<float>(),
-                                        o.data_ptr<float>(), lse.data_ptr<float>(), b, Hkv, G, D, P,
-                                        static_cast<float>(scale));
+    run(qc.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
   return {o, lse};
 }
 
 // --- the fused layer for int4 with bfloat16 activations (PyTorch's int4 kernel) ------------------------------
-// The same calls as the eager bfloat16 layer (ttc/kernels/quant.py's int4_linear, the SiLU product, the
-// residual adds), made from C++ (a dispatch each, no Python); its norms are int4_cpu.cpp's one-pass RMSNorm, as
-// the eager layer's are in these models; rotary and the K/V writes as loops in float32 rounded once to
-// bfloat16, as the eager path's float32 rotary and .to(bfloat16) do.
+// PyTorch's int4 matmul (ttc/kernels/quant.py's int4_linear) in `rotary_and_write` and `mlp_block` above.
 
 torch::Tensor int4pack_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz) {
   return at::_weight_int4pack_mm_for_cpu(x.contiguous(), packed, x.size(1) / sz.size(0), sz);
-}
-
-torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& w, double eps) {  // as int4_cpu.rms_norm
-  auto y = torch::empty_like(x);
-  rms_norm_rows(x.data_ptr<c10::BFloat16>(), w.data_ptr<float>(), y.data_ptr<c10::BFloat16>(), x.size(0), x.size(1), eps);
-  return y;
 }
 
 // h (T, H) bfloat16 -> q (T, Hq, D): the qkv projection on PyTorch's int4 kernel (+ bias), then `rotary_and_write`.
@@ -225,12 +221,11 @@ std::tuple<torch::Tensor, torch::Tensor> attn_out_mlp_bf16(
     const torch::Tensor& a, const torch::Tensor& x, const torch::Tensor& o_packed, const torch::Tensor& o_sz,
     const torch::Tensor& mlp_norm, const torch::Tensor& gate_up_packed, const torch::Tensor& gate_up_sz,
     const torch::Tensor& down_packed, const torch::Tensor& down_sz, const torch::Tensor& next_norm, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "attn_out_mlp_bf16: x must be (T, H) bfloat16");
-  auto mid = x + int4pack_linear(a, o_packed, o_sz);
-  auto gate_up = int4pack_linear(rms_norm_bf16(mid, mlp_norm, eps), gate_up_packed, gate_up_sz);
-  const int64_t I = gate_up.size(1) / 2;
-  auto out = mid + int4pack_linear(at::silu(gate_up.narrow(1, 0, I)) * gate_up.narrow(1, I, I), down_packed, down_sz);
-  return {out, rms_norm_bf16(out, next_norm, eps)};
+  const torch::Tensor* weights[3][2] = {{&o_packed, &o_sz}, {&gate_up_packed, &gate_up_sz}, {&down_packed, &down_sz}};
+  auto linear = [&](const torch::Tensor& input, int layer) {
+    return int4pack_linear(input, *weights[layer][0], *weights[layer][1]);
+  };
+  return mlp_block(a, x, linear, mlp_norm, next_norm, eps);
 }
 
 TORCH_LIBRARY_FRAGMENT(ttc_cpu, lib) {

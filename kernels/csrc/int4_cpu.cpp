@@ -26,7 +26,8 @@
 namespace {
 
 constexpr int64_t ROWS = 4;        // rows of x per pass over a group's unpacked codes (8 spill registers: slower)
-constexpr int64_t GEMV_ROWS = 32;  // up to this many rows: the unpacking kernel; more: dequantize + GEMM (measured crossover ~32-48)
+// up to this many rows: the unpacking kernel; more: dequantize + GEMM (measured crossover ~32-48)
+constexpr int64_t GEMV_ROWS = 32;
 
 // The 8 codes of inputs 8k..8k+7 of a group as floats: dword k of the group's 16 bytes holds them in its
 // nibbles 0..7 (input 2j in the low nibble of byte j), so a broadcast of that dword (a load, not a shuffle)
@@ -190,7 +191,7 @@ inline void store8(c10::BFloat16* p, __m256 v) {  // rounded to nearest even, as
 }
 
 template <typename T>
-void rms_norm_rows_of(const T* xp, const float* wp, T* yp, int64_t T_rows, int64_t H, double eps) {
+void rms_norm_rows(const T* xp, const float* wp, T* yp, int64_t T_rows, int64_t H, double eps) {
   at::parallel_for(0, T_rows, 64, [&](int64_t t0, int64_t t1) {  // inline, without a thread launch, below 64 rows
     for (int64_t t = t0; t < t1; t++) {
       const T* xr = xp + t * H;
@@ -207,13 +208,6 @@ void rms_norm_rows_of(const T* xp, const float* wp, T* yp, int64_t T_rows, int64
 }
 
 }  // namespace
-
-void rms_norm_rows(const float* xp, const float* wp, float* yp, int64_t T, int64_t H, double eps) {
-  rms_norm_rows_of(xp, wp, yp, T, H, eps);
-}
-void rms_norm_rows(const c10::BFloat16* xp, const float* wp, c10::BFloat16* yp, int64_t T, int64_t H, double eps) {
-  rms_norm_rows_of(xp, wp, yp, T, H, eps);
-}
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
   const auto dtype = x.scalar_type();

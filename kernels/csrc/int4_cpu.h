@@ -14,12 +14,12 @@ inline float hsum(__m256 v) {  // the sum of 8 floats
 // 8 values of a float32 or bfloat16 row as float32 (bfloat16 is the high half of a float32: a shift, exact).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
 // y = x @ w.T for Q4_1-form int4 weights, float32 (int4_cpu.cpp).
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& nibbles, const torch::Tensor& d,
                           const torch::Tensor& m);
-// RMSNorm of T rows of H into y, float32 or bfloat16 (computed in float32, rounded once), w float32 (int4_cpu.cpp).
-void rms_norm_rows(const float* xp, const float* wp, float* yp, int64_t T, int64_t H, double eps);
-void rms_norm_rows(const c10::BFloat16* xp, const float* wp, c10::BFloat16* yp, int64_t T, int64_t H, double eps);
+// RMSNorm of x (T, H) float32 or bfloat16 (computed in float32, rounded once), w (H,) float32 (int4_cpu.cpp).
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);

@@ -176,9 +176,9 @@ class Transformer(torch.nn.Module):
         decode = isinstance(attn, DecodePlan)
         x = self.embed[tokens]  # (T, H)
         h = self.rms_norm(x, self.layers[0]["attn_norm"], self.cfg.rms_norm_eps)
-        for i, layer in enumerate(self.fused):
-            q = layer.before_attention(h, cos, sin, k_cache[i], v_cache[i], new_slots)
-            a = self._attention(q, k_cache[i], v_cache[i], attn, decode)
+        for layer, k_layer, v_layer in zip(self.fused, k_cache, v_cache):  # (S, Hkv, D) views of layer i's KV
+            q = layer.before_attention(h, cos, sin, k_layer, v_layer, new_slots)
+            a = self._attention(q, k_layer, v_layer, attn, decode)
             x, h = layer.after_attention(a.reshape(T, Hq * D), x)
         return self._head(h, logits_rows, return_hidden)
 
