@@ -316,7 +316,7 @@ def test_engine_makes_the_same_greedy_tokens_with_the_triton_kernels(tiny_model,
 
     with kernels.reference():
         expected = run()
-    monkeypatch.setattr(kernels, "uses_triton", lambda t: True)  # CPU tensors through the (interpreted) kernels
+    monkeypatch.setattr(kernels.dispatch, "uses_triton", lambda t: True)  # CPU tensors through the (interpreted) kernels
     calls = []
     triton_attention = attention_triton.decode_attention
     monkeypatch.setattr(attention_triton, "decode_attention", lambda *a: calls.append(1) or triton_attention(*a))

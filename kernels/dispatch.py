@@ -1,0 +1,103 @@
+"""The dispatcher behind `ttc.kernels` (the package re-exports it; its docstring has the table)."""
+
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+
+import torch
+
+from .attention import (DecodePlan, GatherWorkspace, PrefillSeq, SharedSegment, decode_attention as decode_attention_reference,
+                        decode_attention_naive, flash_cpu_takes, merge_states, plan_decode,
+                        prefill_attention as prefill_attention_reference, prefill_attention_flash_cpu)
+from .norm import rms_norm_cpu, rms_norm_reference
+from .rotary import apply_rotary_reference, apply_rotary_tables, rotary_tables
+from .sampling import sample_reference
+
+__all__ = ["DecodePlan", "GatherWorkspace", "PrefillSeq", "SharedSegment", "plan_decode", "merge_states", "decode_attention",
+           "decode_attention_naive", "prefill_attention", "rms_norm", "apply_rotary", "rotary_tables", "sample", "reference",
+           "uses_triton", "has_triton"]
+
+_force_reference = False
+
+
+@functools.cache
+def has_triton() -> bool:
+    """Whether Triton imports here; asked once, on the first CUDA tensor."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and not _force_reference and has_triton()
+
+
+@functools.cache
+def _triton(module: str):
+    return importlib.import_module(f".{module}", __package__)
+
+
+@contextlib.contextmanager
+def reference():
+    """Run every kernel's PyTorch reference inside this block."""
+    global _force_reference
+    old, _force_reference = _force_reference, True
+    try:
+        yield
+    finally:
+        _force_reference = old
+
+
+def decode_attention(q, k_cache, v_cache, plan: DecodePlan, scale: float, private_partial=None):
+    """q (B, Hq, D); k_cache, v_cache (S, Hkv, D) -> (B, Hq, D): each shared segment read once per group.
+    `private_partial`: the rows' private parts read in place (`int4_cpu.paged_partial`), on the CPU path."""
+    if uses_triton(q):
+        return _triton("attention_triton").decode_attention(q, k_cache, v_cache, plan, scale)
+    if _force_reference:
+        private_partial = None
+    return decode_attention_reference(q, k_cache, v_cache, plan, scale, private_partial)
+
+
+def prefill_attention(q, k_cache, v_cache, seqs, scale: float):
+    """q (T, Hq, D); k_cache, v_cache (S, Hkv, D); seqs: each sequence's query rows and context slots."""
+    if not _force_reference and flash_cpu_takes(q):
+        return prefill_attention_flash_cpu(q, k_cache, v_cache, seqs, scale)
+    return prefill_attention_reference(q, k_cache, v_cache, seqs, scale)
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    """x (..., H) -> y, or (y, x + residual) when residual is given."""
+    if uses_triton(x):
+        return _triton("norm_triton").rms_norm(x, weight, eps, residual)
+    if _force_reference:
+        return rms_norm_reference(x, weight, eps, residual)
+    return rms_norm_cpu(x, weight, eps, residual)
+
+
+def apply_rotary(x, cos, sin, inplace: bool = False, tables=None):
+    """x (T, H, D); cos, sin (T, D/2). Returns the rotated tensor; with inplace, that is x itself.
+
+    `tables` (from `rotary_tables(cos, sin)`, built once per forward) enables the CPU fast path.
+    """
+    if uses_triton(x):
+        return _triton("rotary_triton").apply_rotary(x, cos, sin, inplace=inplace)
+    if tables is not None and not _force_reference:
+        out = apply_rotary_tables(x, *tables)
+    else:
+        out = apply_rotary_reference(x, cos, sin)
+    return x.copy_(out) if inplace else out
+
+
+def sample(logits, temperature, top_k, top_p, min_p, uniforms):
+    """logits (B, V), per-row parameters (B,) and uniforms (B,) -> (tokens (B,) long, logprobs (B,) float32).
+
+    The parameters may live on the CPU whatever the logits' device; each implementation moves them.
+    """
+    if uses_triton(logits):
+        return _triton("sampling_triton").sample(logits, temperature, top_k, top_p, min_p, uniforms)
+    return sample_reference(logits, temperature, top_k, top_p, min_p, uniforms)
