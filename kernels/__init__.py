@@ -28,22 +28,22 @@ if __name__ == "kernels":
     # This folder is the package `ttc.kernels` (pyproject.toml maps it). It is reached by the bare name
     # only where a checkout's root is on sys.path (`python -m ...` run there), and there it would shadow
     # Hugging Face's `kernels`, which transformers >= 5.25 imports. Hand the name to whichever package the
-    # rest of sys.path holds, as if this folder were not there. Stdlib only: this may run inside
-    # transformers' own import.
-    import importlib.machinery
-    import importlib.util
-    import os
-    import sys
+    # rest of sys.path holds, as if this folder were not there; where none does, stay an empty module
+    # (no version, none of ttc's names), which is what transformers' availability probe expects of a
+    # stray folder (raising here would fail its import). Stdlib only: this may run inside transformers'
+    # own import.
+    import importlib.machinery as _machinery  # underscored: the stand-in must export no names
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _rest_of_path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
-    _spec = importlib.machinery.PathFinder.find_spec(__name__, _rest_of_path)
-    if _spec is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r} (this checkout's kernels/ is ttc.kernels)",
-                                  name=__name__)
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[__name__] = _module  # the import system returns what sys.modules holds once this file ends
-    _spec.loader.exec_module(_module)
+    _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _rest_of_path = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _checkout]
+    _spec = _machinery.PathFinder.find_spec(__name__, _rest_of_path)
+    if _spec is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module  # the import system returns what sys.modules holds once this file ends
+        _spec.loader.exec_module(_module)
 else:
     from .dispatch import *  # noqa: F401,F403  (the public surface: dispatch.__all__)
     from .dispatch import __all__  # noqa: F401
