@@ -10,6 +10,7 @@ reference, which is also the CPU fast path. `reference()` forces the references 
 | RMSNorm (+ residual add) | `norm.rms_norm_reference` | `norm_triton.rms_norm` |
 | rotary embedding (in place on request) | `rotary.apply_rotary_reference` | `rotary_triton.apply_rotary` |
 | int4 linear (Q4_1 codes) and int8 head (Q8_0), float32 activations, CPU | `quant.Int4Linear.reference`, F.linear on the float head | none; x86 AVX2: `int4_cpu` (C++, built on first use) |
+| W4A8: int4 / int8 weights times activations rounded to int8 per group (`dtype=w4a8`), CPU | `quant.w4a8_reference` | none; x86 AVX512-VNNI: `int4_cpu` (`int4_q8_linear`, `int8_q8_linear`) |
 | decode attention's private part read in place (the int4 CPU models) | gather + `attention._partial` | none; x86 AVX2: `int4_cpu.paged_partial` |
 | a decode layer's work between attention calls (the int4 CPU models) | the model's eager layer | none; x86 AVX2: `int4_cpu.FusedLayer` (same bits) |
 | temperature / top-k / top-p / min-p sampling, drawn in vocabulary order | `sampling.sample_reference` | `sampling_triton.sample` |

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int4_cpu.cpp", "decode_layer.cpp")]  # + int4_cpu.h
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int4_cpu.cpp", "decode_layer.cpp", "int4_q8.cpp")]  # + int4_cpu.h
 GROUP = 32  # inputs per (scale, minimum) pair: the kernel's one group size
 
 
@@ -86,7 +86,7 @@ def available() -> bool:
         return torch.empty_like(x)
 
     @torch.library.register_fake("ttc_cpu::attn_in")
-    def _(h, nibbles, d, m, bias, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
+    def _(h, nibbles, d, m, bias, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads, w4a8=False):
         return h.new_empty(h.shape[0], num_heads, k_cache.shape[2])
 
     @torch.library.register_fake("ttc_cpu::attn_out_mlp")
@@ -97,6 +97,14 @@ def available() -> bool:
     def _(q, k_cache, v_cache, slots, bias, scale):
         return torch.empty_like(q, dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32)
 
+    @torch.library.register_fake("ttc_cpu::int4_q8_linear")
+    def _(x, nibbles, d, m):
+        return x.new_empty(x.shape[0], nibbles.shape[0])
+
+    @torch.library.register_fake("ttc_cpu::int8_q8_linear")
+    def _(x, codes, d):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
     @torch.library.register_fake("ttc_cpu::attn_in_bf16")
     def _(h, packed, scales_and_zeros, bias, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
         return h.new_empty(h.shape[0], num_heads, k_cache.shape[2])
@@ -106,6 +114,16 @@ def available() -> bool:
         return torch.empty_like(x), torch.empty_like(x)
 
     return True
+
+
+W4A8_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c"}  # /proc/cpuinfo's names
+
+
+@functools.cache
+def w4a8_available() -> bool:
+    """Whether the W4A8 kernels (csrc/int4_q8.cpp: int8 activations, integer dot products) run here: the
+    extension built and the CPU has AVX512-VNNI (the kernels check again and refuse otherwise)."""
+    return W4A8_FLAGS <= _cpu_flags() and available()
 
 
 HEAD_ROWS = 16  # up to this many rows the int8 head kernel beats the float32 GEMM (19 against 29 ms at 16 rows)
@@ -124,13 +142,15 @@ class Int8HeadLinear:
     bfloat16 head's 2.6, as the int4 layers evict its codes from the cache between steps; not used there.)
     """
 
-    __slots__ = ("d", "q", "weight")
+    __slots__ = ("d", "q", "weight", "w4a8_codes")
 
-    def __init__(self, weight: torch.Tensor, q: torch.Tensor, d: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, q: torch.Tensor, d: torch.Tensor, w4a8: bool = False):
         self.weight, self.q, self.d = weight, q, d
+        # W4A8 models: the codes + 128 as uint8 (vpdpbusd multiplies unsigned by signed bytes), every row count
+        self.w4a8_codes = (q.to(torch.int16) + 128).to(torch.uint8).contiguous() if w4a8 else None
 
     @classmethod
-    def exact_from_float(cls, weight: torch.Tensor) -> Int8HeadLinear | None:
+    def exact_from_float(cls, weight: torch.Tensor, w4a8: bool = False) -> Int8HeadLinear | None:
         """Codes q = round(w / d), d = max|w| / 127 per group of 32, if q * d gives w back exactly; else None."""
         n, k = weight.shape
         if weight.dtype != torch.float32 or k % 32 or not available():
@@ -141,14 +161,21 @@ class Int8HeadLinear:
         q = (groups / safe[..., None]).round().clamp(-127, 127)
         if not torch.equal(q * d[..., None], groups):
             return None
-        return cls(weight, q.to(torch.int8).view(n, k).contiguous(), d.contiguous())
+        return cls(weight, q.to(torch.int8).view(n, k).contiguous(), d.contiguous(), w4a8=w4a8)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w4a8_codes is not None and x.dim() == 2 and x.dtype == torch.float32:
+            # int8 activations too, at any row count: a row's logits do not depend on its batch
+            return torch.ops.ttc_cpu.int8_q8_linear(x, self.w4a8_codes, self.d)
         if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= HEAD_ROWS:
             return torch.ops.ttc_cpu.int8_linear(x, self.q, self.d)
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w4a8_codes is not None:
+            from .quant import w4a8_reference
+
+            return w4a8_reference(x.reshape(-1, x.shape[-1]), self.q, self.d, None).reshape(*x.shape[:-1], -1)
         return torch.nn.functional.linear(x, self.weight)
 
 
@@ -171,20 +198,22 @@ class FusedLayer:
     `before_attention`: the qkv projection, rotary, and the K/V writes; `after_attention`: o-projection,
     residual, norm, MLP, residual and the next layer's norm. Why: eagerly that is ~20 PyTorch ops from
     Python, whose dispatch at one stream costs about what the layer's matmuls do. Two forms, by the
-    activations' dtype: float32 on these kernels (`attn_in`, `attn_out_mlp`), bfloat16 on PyTorch's int4
+    activations' dtype: float32 on these kernels (`attn_in`, `attn_out_mlp`; with `w4a8`, their linears quantize
+    the activations to int8, as the eager W4A8 linears do), bfloat16 on PyTorch's int4
     kernel (`attn_in_bf16`, `attn_out_mlp_bf16`, the same ATen calls as the eager layer, made from C++).
     Each does the eager layer's arithmetic in its order (csrc/decode_layer.cpp says how), so the eager layer
     is its twin: the model's `fused = None` runs it, and tests/test_int4_cpu.py checks the two give the same bits.
     """
 
     __slots__ = ("qkv", "o", "gate_up", "down", "mlp_norm", "next_norm", "num_heads", "num_kv_heads", "eps",
-                 "bf16")
+                 "bf16", "w4a8")
 
     def __init__(self, layer: dict, next_norm: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float,
                  bf16: bool):
         self.qkv, self.o, self.gate_up, self.down = (layer[k] for k in ("qkv", "o", "gate_up", "down"))
         self.mlp_norm, self.next_norm = layer["mlp_norm"].float().contiguous(), next_norm.float().contiguous()
         self.num_heads, self.num_kv_heads, self.eps, self.bf16 = num_heads, num_kv_heads, float(eps), bf16
+        self.w4a8 = bool(getattr(self.qkv, "w4a8", False))  # build_all: all of a model's linears or none
 
     @classmethod
     def build_all(cls, layers: list[dict], final_norm: torch.Tensor, num_heads: int, num_kv_heads: int,
@@ -203,6 +232,8 @@ class FusedLayer:
             others = (layer[k] for k in ("o", "gate_up", "down"))
             if not (on_kernel(layer["qkv"], True) and all(on_kernel(lin, False) for lin in others)):
                 return None
+        if len({getattr(layer[k], "w4a8", False) for layer in layers for k in ("qkv", "o", "gate_up", "down")}) > 1:
+            return None  # W4A8 and float32 int4 linears mixed: the eager layers run
         norms = [layer["attn_norm"] for layer in layers[1:]] + [final_norm]
         return [cls(layer, norm, num_heads, num_kv_heads, eps, dtype == torch.bfloat16)
                 for layer, norm in zip(layers, norms)]
@@ -217,7 +248,7 @@ class FusedLayer:
                                                   v_cache, slots, self.num_heads, self.num_kv_heads)
         bias = None if qkv.bias is None else qkv.bias.float()
         return torch.ops.ttc_cpu.attn_in(h, qkv.nibbles, qkv.d, qkv.m, bias, cos, sin, k_cache, v_cache, slots,
-                                         self.num_heads, self.num_kv_heads)
+                                         self.num_heads, self.num_kv_heads, self.w4a8)
 
     def after_attention(self, a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """a (T, Hq*D) attention output, x (T, H) residual stream -> (the new x, the next norm of it)."""
@@ -227,7 +258,7 @@ class FusedLayer:
                                                        gu.scales_and_zeros, down.packed, down.scales_and_zeros,
                                                        self.next_norm, self.eps)
         return torch.ops.ttc_cpu.attn_out_mlp(a, x, o.nibbles, o.d, o.m, self.mlp_norm, gu.nibbles, gu.d, gu.m,
-                                              down.nibbles, down.d, down.m, self.next_norm, self.eps)
+                                              down.nibbles, down.d, down.m, self.next_norm, self.eps, self.w4a8)
 
 
 def paged_partial(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

@@ -142,6 +142,40 @@ def int4_float32_linear(x: torch.Tensor, nibbles: torch.Tensor, d: torch.Tensor,
     return _add_bias(torch.ops.ttc_cpu.int4_linear(x, nibbles, d, m), bias)
 
 
+def w4a8_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The W4A8 kernels' twin (csrc/int4_q8.cpp): x (T, K) float32 quantized to int8 per group of 32
+    (d_x = max|x| / 127, q_x = round-half-even(x * (1 / d_x))), times integer codes (N, K) (int4: 0..15 with
+    w = q * d + m; int8: -127..127 with w = q * d, m None), d and m (N, K/32) (float16 or float32) -> (T, N).
+
+    The per-group integer sums are exact here and there; only the order of the float sum over groups
+    differs, so the two agree to float32 rounding (tests/test_int4_q8.py)."""
+    t, k = x.shape
+    n, groups = codes.shape[0], k // int4_cpu.GROUP
+    xg = x.float().view(t, groups, int4_cpu.GROUP)
+    dx = xg.abs().amax(dim=-1) / 127  # (T, G)
+    inv = torch.where(dx != 0, 1 / torch.where(dx != 0, dx, torch.ones_like(dx)), torch.zeros_like(dx))
+    qx = torch.round(xg * inv[..., None])  # (T, G, 32), integers in -127..127
+    qw = codes.view(n, groups, int4_cpu.GROUP).double()
+    isum = torch.einsum("tgk,ngk->tng", qx.double(), qw).float()  # exact: |sums| < 2^24
+    y = (d.float()[None] * dx[:, None, :] * isum).sum(dim=-1)
+    if m is not None:
+        y = y + (m.float()[None] * (dx * qx.sum(dim=-1))[:, None, :]).sum(dim=-1)
+    return _add_bias(y, bias)
+
+
+def int4_w4a8_linear(x: torch.Tensor, nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """x (T, K) float32 quantized to int8 per group, times the int4 codes with integer dot products (W4A8,
+    csrc/int4_q8.cpp): `w4a8_reference` is its twin."""
+    return _add_bias(torch.ops.ttc_cpu.int4_q8_linear(x, nibbles, d, m), bias)
+
+
+def _int4_w4a8_reference(x: torch.Tensor, nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    return w4a8_reference(x, _unpack_nibbles(nibbles), d, m, bias).to(x.dtype)
+
+
 def _unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8, even columns in the low nibble -> q (N, K) uint8 in 0..15."""
     return torch.stack((nibbles & 0x0F, nibbles >> 4), dim=-1).reshape(nibbles.shape[0], -1)
@@ -171,7 +205,7 @@ class Int4Linear:
     the kernel refuses the shape), scales_and_zeros (K/group, N, 2) bfloat16: about 1.1 bytes a weight.
     """
 
-    __slots__ = ("bias", "d", "in_features", "m", "nibbles", "packed", "scales_and_zeros")
+    __slots__ = ("bias", "d", "in_features", "m", "nibbles", "packed", "scales_and_zeros", "w4a8")
 
     def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None = None,
                  in_features: int | None = None):
@@ -184,6 +218,7 @@ class Int4Linear:
         self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16).contiguous()
         self.bias, self.in_features = bias, kp if in_features is None else in_features
         self.packed = self.d = self.m = None  # d, m: ttc's float32 kernel's form (`use_float32_kernel`)
+        self.w4a8 = False  # float32 activations quantized to int8 per group (`use_w4a8_kernel`)
         if (_INT4_MM is not None and q.device.type == "cpu" and n % 16 == 0 and kp // groups in INT4_GROUPS
                 and self.in_features == kp):
             try:
@@ -242,14 +277,31 @@ class Int4Linear:
         self.packed = None
         return True
 
+    def use_w4a8_kernel(self, exact_dm: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+        """`use_float32_kernel`, then quantize the float32 activations to int8 per group of 32 and multiply with
+        integer dot products (W4A8: csrc/int4_q8.cpp, AVX512-VNNI), if this CPU has them. The weight stays the
+        same; the activations' rounding is what changes, so `reference` becomes `w4a8_reference` (the same
+        quantization in PyTorch). Returns whether it did."""
+        if not int4_cpu.w4a8_available() or not self.use_float32_kernel(exact_dm):
+            return False
+        # d and m in float16, as a GGUF's Q4_1 blocks store them (exact there; rounded once otherwise, and the
+        # twin and `weight` read the same rounded values): at one stream the layers are bound by bytes read
+        self.d, self.m, self.w4a8 = self.d.half(), self.m.half(), True
+        return True
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.d is not None and x.dtype == torch.float32 and x.dim() == 2 and x.device.type == "cpu":
+            if self.w4a8:
+                return int4_w4a8_linear(x, self.nibbles, self.d, self.m, self.bias)
             return int4_float32_linear(x, self.nibbles, self.d, self.m, self.bias)
         if self.packed is not None and x.dtype == torch.bfloat16 and x.dim() == 2 and x.device.type == "cpu":
             return int4_linear(x, self.packed, self.scales_and_zeros, self.bias)
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w4a8:
+            return _int4_w4a8_reference(x.reshape(-1, x.shape[-1]), self.nibbles, self.d, self.m,
+                                        self.bias).reshape(*x.shape[:-1], -1)
         if self.d is not None:
             return _add_bias(F.linear(x.float(), self.weight).to(x.dtype), self.bias)
         return int4_reference(x, self.nibbles, self.scales_and_zeros, self.bias)
@@ -265,6 +317,8 @@ class Int4Linear:
     def parts(self):
         """(function, tensors) with function(x, *tensors) == self(x) for 2-D x in the model's activation dtype
         (ttc/decoder/compiled.py): float32 after `use_float32_kernel`, else bfloat16."""
+        if self.w4a8:
+            return int4_w4a8_linear, (self.nibbles, self.d, self.m, self.bias)
         if self.d is not None:
             return int4_float32_linear, (self.nibbles, self.d, self.m, self.bias)
         if self.packed is not None:
@@ -277,7 +331,8 @@ class Int4Linear:
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, q4_1=None,
                     activations: torch.dtype = torch.bfloat16):
-    """The linear for a weight format: "plain" (also "bfloat16", "none": the weight as given), "int8" or "int4".
+    """The linear for a weight format: "plain" (also "bfloat16", "none": the weight as given), "int8", "int4" or
+    "w4a8" (int4 weights, float32 activations quantized to int8 per group on the way in: `use_w4a8_kernel`).
 
     weight (N, K), ideally float32 (quantizing a bfloat16 copy adds its rounding); bias (N,) in the activations'
     dtype. For int4, q4_1 = (q, d, m) from `ttc.decoder.weights.load_gguf_q4_1` uses the file's blocks instead
@@ -288,9 +343,12 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, 
         return Linear(weight, bias)
     if mode == "int8":
         return Int8Linear.from_float(weight, bias)
-    if mode == "int4":
+    if mode in ("int4", "w4a8"):
         lin = Int4Linear.from_q4_1(*q4_1, bias=bias) if q4_1 is not None else Int4Linear.from_float(weight, bias)
-        if activations == torch.float32:  # where it cannot, float32 activations run the reference
-            lin.use_float32_kernel(exact_dm=q4_1[1:] if q4_1 is not None else None)
+        exact_dm = q4_1[1:] if q4_1 is not None else None
+        if mode == "w4a8" and not lin.use_w4a8_kernel(exact_dm):
+            raise ValueError("w4a8 needs ttc's CPU kernels with AVX512-VNNI (this CPU or build lacks them); use int4")
+        if mode == "int4" and activations == torch.float32:  # where it cannot, float32 activations run the reference
+            lin.use_float32_kernel(exact_dm=exact_dm)
         return lin
-    raise ValueError(f"weight format {mode!r} is not one of plain, int8, int4")
+    raise ValueError(f"weight format {mode!r} is not one of plain, int8, int4, w4a8")

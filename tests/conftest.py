@@ -75,3 +75,12 @@ def tiny_model(tiny_llama_dir):
     import ttc
 
     return ttc.load(str(tiny_llama_dir), dtype="float32", kv_cache_gb=0.05)
+
+
+def q4_1_blocks(n, k, seed):
+    """Random Q4_1 blocks like a GGUF's: q (N, K) in 0..15, d > 0 and m < 0 per group of 32."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3
+    m = -8 * d + torch.randn(n, k // 32, generator=g) * 1e-3
+    return q, d, m

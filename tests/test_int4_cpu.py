@@ -11,18 +11,12 @@ import torch.nn.functional as F
 
 import ttc
 from ttc.kernels import int4_cpu
+from tests.conftest import q4_1_blocks as blocks
 from ttc.kernels.quant import Int4Linear, quantize_linear
 
 pytestmark = pytest.mark.skipif(not int4_cpu.available(), reason="ttc's int4 CPU kernel needs x86-64 AVX2 + FMA")
 
 
-def blocks(n, k, seed):
-    """Random Q4_1 blocks like a GGUF's: q (N, K) in 0..15, d > 0 and m < 0 per group of 32."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    d = torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3
-    m = -8 * d + torch.randn(n, k // 32, generator=g) * 1e-3
-    return q, d, m
 
 
 def file_weight(q, d, m):
@@ -161,18 +155,26 @@ def test_the_one_pass_rms_norm_of_bfloat16_rows_is_the_float32_norm_rounded_once
 # --- the fused layer: two C++ calls per layer, the eager layer's bits --------------------------------------
 
 @pytest.fixture(params=[("llama", torch.float32), ("qwen2", torch.float32), ("llama", torch.bfloat16),
-                        ("qwen2", torch.bfloat16)], ids=["llama-float32", "qwen2-float32", "llama-bf16", "qwen2-bf16"])
+                        ("qwen2", torch.bfloat16), ("llama", "w4a8"), ("qwen2", "w4a8")],
+                ids=["llama-float32", "qwen2-float32", "llama-bf16", "qwen2-bf16", "llama-w4a8", "qwen2-w4a8"])
 def int4_model(request, tmp_path_factory, monkeypatch):
     """A tiny random model loaded as int4 with float32 activations (ttc's kernels: a CPU without fast bfloat16)
-    or bfloat16 ones (PyTorch's int4 kernel: a CPU with it). qwen2 has a qkv bias."""
+    or bfloat16 ones (PyTorch's int4 kernel: a CPU with it), or as w4a8 (float32 activations rounded to int8
+    on the way into each linear; AVX512-VNNI CPUs). qwen2 has a qkv bias."""
     from tests.conftest import make_tiny_folder
     from ttc import api
 
     arch, activations = request.param
+    dtype = "int4"
+    if activations == "w4a8":
+        if not int4_cpu.w4a8_available():
+            pytest.skip("w4a8 needs AVX512-VNNI")
+        dtype, activations = "w4a8", torch.float32
     monkeypatch.setattr(api, "cpu_has_fast_bf16", lambda: activations == torch.bfloat16)
     folder = make_tiny_folder(tmp_path_factory.mktemp(f"tiny_{arch}"), arch, seed=3)
-    model = ttc.load(str(folder), dtype="int4", kv_cache_gb=0.05)
+    model = ttc.load(str(folder), dtype=dtype, kv_cache_gb=0.05)
     assert model.dtype == activations
+    assert all(f.w4a8 == (dtype == "w4a8") for f in model.engine.model.fused)
     return model
 
 

@@ -33,7 +33,7 @@ def cpu_has_fast_bf16() -> bool:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
-QUANTIZED = ("int8", "int4")  # weight-only formats (ttc.kernels.quant)
+QUANTIZED = ("int8", "int4", "w4a8")  # quantized formats (ttc.kernels.quant); w4a8 also rounds activations
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -54,6 +54,13 @@ def activation_dtype(dtype: str | torch.dtype, weights: str, device: str) -> tor
     which PyTorch's int8 and int4 CPU kernels take."""
     if weights == "plain":
         return resolve_dtype(dtype, device)
+    if weights == "w4a8":
+        from ttc.kernels import int4_cpu
+
+        if not int4_cpu.w4a8_available():
+            raise ValueError("dtype=w4a8 needs x86-64 with AVX512-VNNI and ttc's CPU kernels built; this machine "
+                             "lacks them (dtype=int4 runs here)")
+        return torch.float32
     if weights == "int4" and not cpu_has_fast_bf16():
         from ttc.kernels import int4_cpu
 
@@ -131,7 +138,9 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     dtype: "float32" is the reference; "auto" picks bfloat16 where the hardware runs it fast; "int8" and "int4"
     quantize the layer linears weight-only (activations and KV in bfloat16; int4 on a CPU without fast bfloat16
     in float32, on ttc's own kernel: `activation_dtype`); int4 of a Q4_1 GGUF (the embedded model) runs the
-    file's own 4-bit blocks.
+    file's own 4-bit blocks. "w4a8" is int4 with the activations also rounded, to int8 per group of 32, on the
+    way into each linear and the int8 head (llama.cpp's Q4_1 x Q8 scheme; AVX512-VNNI CPUs only): faster,
+    not the same numbers.
     batch_invariant: a sequence's tokens do not depend on what else shares its batch (kernels/invariant.py).
     compile: torch.compile the work between attention calls (ttc/decoder/compiled.py; eager if unavailable).
     kv_cache_gb sizes the paged KV pool (pages are only touched as they are used).
@@ -144,7 +153,7 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     cfg, state = load_weights(source)
     tokenizer = load_tokenizer(source, extra_eos=cfg.eos_token_ids)
     weights = dtype if dtype in QUANTIZED else "plain"
-    q4_1 = load_gguf_q4_1(source.path) if weights == "int4" and source.kind == "gguf" else None
+    q4_1 = load_gguf_q4_1(source.path) if weights in ("int4", "w4a8") and source.kind == "gguf" else None
     model = Transformer(cfg, state, dtype=activation_dtype(dtype, weights, device),
                         weights=weights, q4_1=q4_1, batch_invariant=batch_invariant, compile=compile)
     del state, q4_1

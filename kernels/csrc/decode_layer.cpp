@@ -69,11 +69,12 @@ torch::Tensor rotary_and_write(const torch::Tensor& qkv_in, const torch::Tensor&
 }
 
 // h (T, H) float32 -> q (T, Hq, D): the qkv projection on ttc's int4 kernel (+ bias), then `rotary_and_write`.
+// w4a8: every linear here and in attn_out_mlp is the W4A8 one (int4_q8.cpp), as the model's eager linears are.
 torch::Tensor attn_in(const torch::Tensor& h, const torch::Tensor& nibbles, const torch::Tensor& d,
                       const torch::Tensor& m, const c10::optional<torch::Tensor>& bias, const torch::Tensor& cos,
                       const torch::Tensor& sin, torch::Tensor k_cache, torch::Tensor v_cache,
-                      const torch::Tensor& slots, int64_t num_heads, int64_t num_kv_heads) {
-  auto qkv = int4_linear(h, nibbles, d, m);
+                      const torch::Tensor& slots, int64_t num_heads, int64_t num_kv_heads, bool w4a8) {
+  auto qkv = w4a8 ? int4_q8_linear(h, nibbles, d, m) : int4_linear(h, nibbles, d, m);
   if (bias.has_value()) qkv.add_(*bias);  // Qwen2's qkv bias: the eager path's _add_bias, one ATen op
   return rotary_and_write<float>(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads);
 }
@@ -99,11 +100,12 @@ std::tuple<torch::Tensor, torch::Tensor> attn_out_mlp(
     const torch::Tensor& a, const torch::Tensor& x, const torch::Tensor& o_nibbles, const torch::Tensor& o_d,
     const torch::Tensor& o_m, const torch::Tensor& mlp_norm, const torch::Tensor& gate_up_nibbles,
     const torch::Tensor& gate_up_d, const torch::Tensor& gate_up_m, const torch::Tensor& down_nibbles,
-    const torch::Tensor& down_d, const torch::Tensor& down_m, const torch::Tensor& next_norm, double eps) {
+    const torch::Tensor& down_d, const torch::Tensor& down_m, const torch::Tensor& next_norm, double eps, bool w4a8) {
   const torch::Tensor* weights[3][3] = {{&o_nibbles, &o_d, &o_m}, {&gate_up_nibbles, &gate_up_d, &gate_up_m},
                                         {&down_nibbles, &down_d, &down_m}};
   auto linear = [&](const torch::Tensor& input, int layer) {
-    return int4_linear(input, *weights[layer][0], *weights[layer][1], *weights[layer][2]);
+    return w4a8 ? int4_q8_linear(input, *weights[layer][0], *weights[layer][1], *weights[layer][2])
+                : int4_linear(input, *weights[layer][0], *weights[layer][1], *weights[layer][2]);
   };
   return mlp_block(a, x, linear, mlp_norm, next_norm, eps);
 }
@@ -230,10 +232,11 @@ std::tuple<torch::Tensor, torch::Tensor> attn_out_mlp_bf16(
 
 TORCH_LIBRARY_FRAGMENT(ttc_cpu, lib) {
   lib.def("attn_in(Tensor h, Tensor nibbles, Tensor d, Tensor m, Tensor? bias, Tensor cos, Tensor sin, "
-          "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, int num_heads, int num_kv_heads) -> Tensor");
+          "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, int num_heads, int num_kv_heads, bool w4a8=False) "
+          "-> Tensor");
   lib.def("attn_out_mlp(Tensor a, Tensor x, Tensor o_nibbles, Tensor o_d, Tensor o_m, Tensor mlp_norm, "
           "Tensor gate_up_nibbles, Tensor gate_up_d, Tensor gate_up_m, Tensor down_nibbles, Tensor down_d, "
-          "Tensor down_m, Tensor next_norm, float eps) -> (Tensor, Tensor)");
+          "Tensor down_m, Tensor next_norm, float eps, bool w4a8=False) -> (Tensor, Tensor)");
   lib.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor bias, float scale) "
           "-> (Tensor, Tensor)");
   lib.def("attn_in_bf16(Tensor h, Tensor packed, Tensor scales_and_zeros, Tensor? bias, Tensor cos, Tensor sin, "

@@ -36,7 +36,7 @@ from .config import ModelConfig, rope_inv_freq
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FORMATS = ("plain", "int8", "int4")  # plain: the weights in the model's dtype
+WEIGHT_FORMATS = ("plain", "int8", "int4", "w4a8")  # plain: the weights in the model's dtype
 
 
 class Transformer(torch.nn.Module):
@@ -67,11 +67,11 @@ class Transformer(torch.nn.Module):
         head = Linear(self.embed if state["lm_head"] is state["embed"] else w("lm_head"))
         self.rms_norm = kernels.rms_norm
         self.private_attention = None  # decode attention's private part: gathered, then ATen's flash kernel
-        own_kernels = weights == "int4" and not batch_invariant and int4_cpu.available()  # ttc's C++ CPU kernels
+        own_kernels = weights in ("int4", "w4a8") and not batch_invariant and int4_cpu.available()  # ttc's C++ CPU kernels
         if own_kernels and dtype == torch.float32:
             # int4 on ttc's float32 kernels: the head as int8 codes where that is its exact weight (a Q8_0 head
             # in the GGUF, as the embedded model's); kernels/int4_cpu.py says why and when
-            head = Int8HeadLinear.exact_from_float(head.weight) or head
+            head = Int8HeadLinear.exact_from_float(head.weight, w4a8=weights == "w4a8") or head
         if own_kernels and dtype in (torch.float32, torch.bfloat16):
             self.rms_norm = int4_cpu.rms_norm  # one C++ pass instead of ~3-7 ops; rounds unlike PyTorch's
             if cfg.head_dim % 8 == 0:  # read in place: one call, not two gathers and the flash kernel

@@ -1,0 +1,110 @@
+"""W4A8 (csrc/int4_q8.cpp): int4 and int8 weights times activations rounded to int8 per group of 32, with integer
+dot products, against the twin `quant.w4a8_reference` (the same rounding in PyTorch, exact integer sums).
+Skipped where the kernels cannot run (no AVX512-VNNI, or ttc's CPU kernels not built)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ttc
+from tests.conftest import q4_1_blocks
+from ttc import api
+from ttc.kernels import int4_cpu
+from ttc.kernels.int4_cpu import Int8HeadLinear
+from ttc.kernels.quant import Int4Linear, quantize_linear, w4a8_reference
+
+needs_vnni = pytest.mark.skipif(not int4_cpu.w4a8_available(), reason="W4A8 needs AVX512-VNNI")
+
+
+def w4a8_linear(n, k, seed=0):
+    q, d, m = q4_1_blocks(n, k, seed)
+    lin = Int4Linear.from_q4_1(q, d, m)
+    assert lin.use_w4a8_kernel(exact_dm=(d, m)) and lin.w4a8
+    return lin, q, d, m
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (576, 576), (96, 1536), (32, 608)])  # 1, 3, 19 groups: odd
+def test_the_int4_kernel_equals_its_twin_to_float32_rounding(rows, n, k):
+    lin, q, d, m = w4a8_linear(n, k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    assert lin.d.dtype == torch.float16 and torch.equal(lin.d.float(), d.half().float())  # GGUF's own storage
+    fast, twin = lin(x), w4a8_reference(x, q, lin.d, lin.m)
+    assert fast.shape == (rows, n) and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
+    torch.testing.assert_close(lin.reference(x), twin, rtol=0, atol=0)  # the linear's own twin is that one
+
+
+@needs_vnni
+def test_activations_already_on_the_int8_grid_give_the_float_product():
+    # x = q * s with max |q| = 127 in every group: rounding to int8 loses nothing, so W4A8 is the float linear
+    lin, q, d, m = w4a8_linear(64, 256)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(-127, 128, (2, 8, 32), generator=g).float()
+    codes[:, :, 0] = 127
+    x = (codes * 2.0 ** -6).reshape(2, 256)  # power-of-two scale: 127 * s / 127 == s exactly
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+
+
+@needs_vnni
+def test_the_activation_rounding_costs_about_what_int8_should():
+    lin, *_ = w4a8_linear(576, 576)
+    x = torch.randn(4, 576, generator=torch.Generator().manual_seed(2))
+    full = F.linear(x, lin.weight)
+    error = ((lin(x) - full).norm() / full.norm()).item()
+    assert 1e-4 < error < 2e-2  # int8 per group of 32 on gaussian rows: ~5e-3
+
+
+@needs_vnni
+def test_a_row_does_not_depend_on_the_other_rows_or_the_thread_count():
+    lin, *_ = w4a8_linear(576, 1536)
+    x = torch.randn(40, 1536, generator=torch.Generator().manual_seed(3))
+    batch = lin(x)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(40)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = lin(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batch, alone) and torch.equal(batch, one_thread)
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 2, 5, 40])
+def test_the_int8_head_equals_its_twin_at_every_row_count(rows):
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(-127, 128, (200, 96), generator=g).float()
+    codes[:, ::32] = 127  # with power-of-two scales, requantizing q * d recovers q and d exactly (a Q8_0 head)
+    scales = 2.0 ** -torch.randint(5, 10, (200, 3, 1), generator=g).float()
+    weight = (codes.view(200, 3, 32) * scales).view(200, 96)
+    head = Int8HeadLinear.exact_from_float(weight, w4a8=True)
+    assert head is not None and head.w4a8_codes is not None
+    x = torch.randn(rows, 96, generator=g)
+    twin = head.reference(x)
+    torch.testing.assert_close(twin, w4a8_reference(x, head.q, head.d, None), rtol=0, atol=0)
+    torch.testing.assert_close(head(x), twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
+    assert torch.equal(head(x)[:1], head(x[:1]))
+
+
+def test_dtype_w4a8_on_a_machine_without_vnni_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(int4_cpu, "w4a8_available", lambda: False)
+    with pytest.raises(ValueError, match="w4a8 needs x86-64 with AVX512-VNNI") as caught:
+        api.activation_dtype("w4a8", "w4a8", "cpu")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="use int4"):
+        quantize_linear(torch.randn(32, 64), None, "w4a8")
+
+
+@needs_vnni
+def test_a_w4a8_model_runs_every_linear_and_the_head_on_the_w4a8_kernels(tiny_llama_dir):
+    model = ttc.load(str(tiny_llama_dir), dtype="w4a8", kv_cache_gb=0.05)
+    inner = model.engine.model
+    assert model.dtype == torch.float32
+    assert all(layer[k].w4a8 for layer in inner.layers for k in ("qkv", "o", "gate_up", "down"))
+    assert inner.fused is not None and all(f.w4a8 for f in inner.fused)
+    out = model.generate("1+2+3 =", max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    assert len(out[0].token_ids) == 6
