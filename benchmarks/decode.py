@@ -4,7 +4,8 @@ Workloads (EOS ignored, so every run makes exactly the tokens asked for), on one
   1 stream, greedy;  N=16 and N=64 samples at temperature 0.8;  --new-tokens (128) new tokens each;
   prefill: one --prefill-tokens (1,000) token prompt, one new token, reported as prompt tokens/s.
 Engines, one after the other (never two at once on a 2-core machine):
-  ttc, one row per --modes entry: bf16 | fp32 | int8 | int4 (the GGUF's own Q4_1 blocks), with -invariant
+  ttc, one row per --modes entry: bf16 | fp32 | int8 | int4 (the GGUF's own Q4_1 blocks) | w4a8 (int4 with int8
+      activations, AVX512-VNNI CPUs), with -invariant
       (batch_invariant=True), -compile (compile=True) and/or -eager (int4's layers eager and its decode
       attention gathered: the twins of the fused C++ layer and the in-place attention, for an A/B); a mode
       that does not load prints one line;
@@ -51,7 +52,7 @@ NAME = "smollm2-135m"
 PROMPT = [{"role": "user", "content": "A baker makes 48 muffins in the morning and 36 in the afternoon. She sells "
            "three quarters of them and gives 5 to her neighbours. How many muffins are left? Think step by step"}]
 WORKLOADS = {"1": ("1 stream", 1), "16": ("N=16", 16), "64": ("N=64", 64), "prefill": ("prefill", 0)}
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "int8": "int8", "int4": "int4"}
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "int8": "int8", "int4": "int4", "w4a8": "w4a8"}
 RATIO_PEERS = ("vLLM-CPU", "llama.cpp", "HF bf16", "HF fp32")  # what each ttc mode is divided by
 
 
@@ -237,7 +238,7 @@ def vllm_dtypes(spec: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="bf16,int8,int4,bf16-invariant,bf16-compile",
-                    help="ttc modes: bf16|fp32|int8|int4, optionally -invariant and/or -compile; 'none' for none")
+                    help="ttc modes: bf16|fp32|int8|int4|w4a8, optionally -invariant and/or -compile; 'none' for none")
     ap.add_argument("--peers", default="hf,vllm,llama.cpp", help="any of hf, vllm, llama.cpp; 'none' for none")
     ap.add_argument("--workloads", default="1,16,64,prefill", help="any of 1, 16, 64, prefill")
     ap.add_argument("--new-tokens", type=int, default=128)

@@ -10,7 +10,8 @@ as are the int8 head and the one-pass RMSNorm beside it.
 It is compiled on first use with torch.utils.cpp_extension (g++ and ninja; about a minute, then cached in
 torch's extension folder) and registers `torch.ops.ttc_cpu.int4_linear`, `int8_linear`, `rms_norm`, the
 fused layer's `attn_in` and `attn_out_mlp` (and their bfloat16 forms over PyTorch's int4 kernel), and
-`paged_attention`. Where it cannot run (not x86-64 with AVX2 and FMA, no compiler, a failed build)
+`paged_attention`, and the W4A8 kernels `int4_q8_linear` and `int8_q8_linear` (csrc/int4_q8.cpp: int8 activations,
+AVX512-VNNI integer dot products; `w4a8_available()`). Where it cannot run (not x86-64 with AVX2 and FMA, no compiler, a failed build)
 `available()` is False, one log line says why, int4 keeps PyTorch's kernel with bfloat16 activations, and
 its layers run eager.
 """
@@ -146,8 +147,11 @@ class Int8HeadLinear:
 
     def __init__(self, weight: torch.Tensor, q: torch.Tensor, d: torch.Tensor, w4a8: bool = False):
         self.weight, self.q, self.d = weight, q, d
-        # W4A8 models: the codes + 128 as uint8 (vpdpbusd multiplies unsigned by signed bytes), every row count
+        # W4A8 models: the codes + 128 as uint8 (vpdpbusd multiplies unsigned by signed bytes), every row count;
+        # then only these are kept (`codes` gives q back for the twin)
         self.w4a8_codes = (q.to(torch.int16) + 128).to(torch.uint8).contiguous() if w4a8 else None
+        if w4a8:
+            self.q = None
 
     @classmethod
     def exact_from_float(cls, weight: torch.Tensor, w4a8: bool = False) -> Int8HeadLinear | None:
@@ -175,7 +179,8 @@ class Int8HeadLinear:
         if self.w4a8_codes is not None:
             from .quant import w4a8_reference
 
-            return w4a8_reference(x.reshape(-1, x.shape[-1]), self.q, self.d, None).reshape(*x.shape[:-1], -1)
+            codes = self.w4a8_codes.to(torch.int16) - 128
+            return w4a8_reference(x.reshape(-1, x.shape[-1]), codes, self.d, None).reshape(*x.shape[:-1], -1)
         return torch.nn.functional.linear(x, self.weight)
 
 

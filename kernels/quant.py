@@ -44,11 +44,15 @@ head is what would close that part of the gap. `quantize_linear` quantizes what 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from . import int4_cpu
 from .linear import Linear
+
+log = logging.getLogger(__name__)
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel accepts
 
@@ -154,7 +158,8 @@ def w4a8_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: tor
     n, groups = codes.shape[0], k // int4_cpu.GROUP
     xg = x.float().view(t, groups, int4_cpu.GROUP)
     dx = xg.abs().amax(dim=-1) / 127  # (T, G)
-    inv = torch.where(dx != 0, 1 / torch.where(dx != 0, dx, torch.ones_like(dx)), torch.zeros_like(dx))
+    inv = 1 / torch.where(dx != 0, dx, torch.ones_like(dx))
+    inv = torch.where((dx != 0) & inv.isfinite(), inv, torch.zeros_like(inv))  # tiny groups: zero codes
     qx = torch.round(xg * inv[..., None])  # (T, G, 32), integers in -127..127
     qw = codes.view(n, groups, int4_cpu.GROUP).double()
     isum = torch.einsum("tgk,ngk->tng", qx.double(), qw).float()  # exact: |sums| < 2^24
@@ -346,8 +351,13 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, 
     if mode in ("int4", "w4a8"):
         lin = Int4Linear.from_q4_1(*q4_1, bias=bias) if q4_1 is not None else Int4Linear.from_float(weight, bias)
         exact_dm = q4_1[1:] if q4_1 is not None else None
-        if mode == "w4a8" and not lin.use_w4a8_kernel(exact_dm):
+        if mode == "w4a8" and not int4_cpu.w4a8_available():
             raise ValueError("w4a8 needs ttc's CPU kernels with AVX512-VNNI (this CPU or build lacks them); use int4")
+        if mode == "w4a8" and not lin.use_w4a8_kernel(exact_dm):
+            # a shape the kernel refuses (K not a multiple of 32, a padded group): this linear runs int4's float32
+            # kernel or its reference, and the model's layers then run eager (FusedLayer.build_all)
+            log.warning("w4a8: a %s linear runs as int4 with float32 activations (its shape)", tuple(weight.shape))
+            lin.use_float32_kernel(exact_dm=exact_dm)
         if mode == "int4" and activations == torch.float32:  # where it cannot, float32 activations run the reference
             lin.use_float32_kernel(exact_dm=exact_dm)
         return lin

@@ -10,13 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import ttc
-from ttc.kernels import int4_cpu
 from tests.conftest import q4_1_blocks as blocks
+from ttc.kernels import int4_cpu
 from ttc.kernels.quant import Int4Linear, quantize_linear
 
 pytestmark = pytest.mark.skipif(not int4_cpu.available(), reason="ttc's int4 CPU kernel needs x86-64 AVX2 + FMA")
-
-
 
 
 def file_weight(q, d, m):

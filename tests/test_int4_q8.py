@@ -27,7 +27,7 @@ def w4a8_linear(n, k, seed=0):
 
 @needs_vnni
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
-@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (576, 576), (96, 1536), (32, 608)])  # 1, 3, 19 groups: odd
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (576, 576), (96, 1536), (32, 608), (33, 576)])  # odd groups, odd N
 def test_the_int4_kernel_equals_its_twin_to_float32_rounding(rows, n, k):
     lin, q, d, m = w4a8_linear(n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
@@ -36,6 +36,41 @@ def test_the_int4_kernel_equals_its_twin_to_float32_rounding(rows, n, k):
     assert fast.shape == (rows, n) and fast.dtype == torch.float32
     torch.testing.assert_close(fast, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
     torch.testing.assert_close(lin.reference(x), twin, rtol=0, atol=0)  # the linear's own twin is that one
+
+
+@needs_vnni
+def test_each_activation_is_rounded_half_to_even_exactly_as_the_twin_rounds_it():
+    # one-hot codes (w = 1 at input n, else 0) make y[t, n] = d_x * round(x[t, n] / d_x) alone: exact
+    k = 64
+    one_hot = torch.eye(k, dtype=torch.uint8)
+    lin = Int4Linear.from_q4_1(one_hot, torch.ones(k, 2), torch.zeros(k, 2))  # d = 1, m = 0
+    assert lin.use_w4a8_kernel()
+    x = torch.zeros(2, k)
+    x[:, 0] = x[:, 32] = 127.0  # d_x = 1 in both groups of both rows
+    x[0, 1:9] = torch.tensor([2.5, -2.5, 3.5, -3.5, 0.5, -0.5, 1.5, 126.5])
+    x[1, 33:37] = torch.tensor([4.5, -0.49999997, 5.5, -6.5])
+    y = lin(x)
+    assert torch.equal(y, x.round())  # half to even: 2.5 -> 2, 3.5 -> 4, -0.5 -> -0, 126.5 -> 126
+    assert torch.equal(y, w4a8_reference(x, one_hot, lin.d, lin.m))
+
+
+@needs_vnni
+def test_a_nan_or_an_infinity_in_a_row_makes_that_row_nan_and_leaves_the_others_alone():
+    lin, q, d, m = w4a8_linear(64, 576)
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(5))
+    x[0, 40], x[2, 300] = float("nan"), float("inf")
+    y, twin = lin(x), w4a8_reference(x, q, lin.d, lin.m)
+    assert y[0].isnan().all() and y[2].isnan().all() and twin[0].isnan().all() and twin[2].isnan().all()
+    assert torch.equal(y[1], lin(x[1:2])[0]) and y[1].isfinite().all()
+
+
+def test_a_shape_the_w4a8_kernel_refuses_runs_as_float32_int4_instead_of_failing(monkeypatch):
+    if not int4_cpu.available():
+        pytest.skip("ttc's CPU kernels are not built here")
+    monkeypatch.setattr(int4_cpu, "w4a8_available", lambda: True)
+    lin = quantize_linear(torch.randn(32, 40), None, "w4a8")  # K = 40: a padded last group
+    assert not lin.w4a8
+    assert lin(torch.randn(2, 40)).shape == (2, 32)
 
 
 @needs_vnni
@@ -75,17 +110,18 @@ def test_a_row_does_not_depend_on_the_other_rows_or_the_thread_count():
 
 @needs_vnni
 @pytest.mark.parametrize("rows", [1, 2, 5, 40])
-def test_the_int8_head_equals_its_twin_at_every_row_count(rows):
+@pytest.mark.parametrize("k", [96, 576])  # one pair and the unpaired tail; nine pairs
+def test_the_int8_head_equals_its_twin_at_every_row_count(rows, k):
     g = torch.Generator().manual_seed(4)
-    codes = torch.randint(-127, 128, (200, 96), generator=g).float()
+    codes = torch.randint(-127, 128, (200, k), generator=g).float()
     codes[:, ::32] = 127  # with power-of-two scales, requantizing q * d recovers q and d exactly (a Q8_0 head)
-    scales = 2.0 ** -torch.randint(5, 10, (200, 3, 1), generator=g).float()
-    weight = (codes.view(200, 3, 32) * scales).view(200, 96)
+    scales = 2.0 ** -torch.randint(5, 10, (200, k // 32, 1), generator=g).float()
+    weight = (codes.view(200, k // 32, 32) * scales).view(200, k)
     head = Int8HeadLinear.exact_from_float(weight, w4a8=True)
     assert head is not None and head.w4a8_codes is not None
-    x = torch.randn(rows, 96, generator=g)
+    x = torch.randn(rows, k, generator=g)
     twin = head.reference(x)
-    torch.testing.assert_close(twin, w4a8_reference(x, head.q, head.d, None), rtol=0, atol=0)
+    torch.testing.assert_close(twin, w4a8_reference(x, codes.to(torch.int8), head.d, None), rtol=0, atol=0)
     torch.testing.assert_close(head(x), twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
     assert torch.equal(head(x)[:1], head(x[:1]))
 

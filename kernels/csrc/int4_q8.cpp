@@ -22,7 +22,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #define TTC_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c")))
@@ -43,7 +45,7 @@ constexpr int64_t PREFETCH_ROWS = TTC_PREFETCH_ROWS;  // weight rows ahead of th
 struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> scale16, sums;
-  std::vector<int32_t> offset16;  // int8 only, per (row, pair): 128 * sum q of each group, in the group's first lane
+  std::vector<int32_t> offset16;  // int8 only, per (row, pair): 128 * the codes each lane's products cover
 };
 
 inline int32_t hsum_epi32(__m256i v) {
@@ -62,13 +64,21 @@ TTC_AVX512_VNNI QuantizedRows quantize(const float* x, int64_t T, int64_t K, boo
     for (int64_t g = 0; g < G; g++) {
       const float* xg = x + t * K + g * 32;
       const __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
+      // A NaN or infinity in the group: d = NaN, so every output of the row is NaN, as in the float product
+      // (max drops NaNs, and an infinity would make x * inv overflow int32). A group too small for 1 / d to be
+      // finite (|x| < ~4e-37) rounds to zero codes, as in the twin.
+      const bool finite = !(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q));
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-      const float d = amax / 127.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
+      const bool usable = finite && std::isfinite(amax);
+      const float d = usable ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      float inv = usable && d != 0.0f ? 1.0f / d : 0.0f;
+      if (!std::isfinite(inv)) inv = 0.0f;
       const __m512 invv = _mm512_set1_ps(inv);
-      // cvtps rounds half to even (the default MXCSR mode), as torch.round; |x * inv| <= 127 up to rounding
+      // round half to even, as torch.round, whatever the MXCSR mode; |x * inv| <= 127 up to rounding
+      constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
       alignas(64) int32_t q[32];
-      _mm512_store_si512(q, _mm512_cvtps_epi32(_mm512_mul_ps(a, invv)));
-      _mm512_store_si512(q + 16, _mm512_cvtps_epi32(_mm512_mul_ps(b, invv)));
+      _mm512_store_si512(q, _mm512_cvt_roundps_epi32(_mm512_mul_ps(a, invv), nearest));
+      _mm512_store_si512(q + 16, _mm512_cvt_roundps_epi32(_mm512_mul_ps(b, invv), nearest));
       int8_t* row = out.q.data() + t * K;
       int32_t sum = 0;
       for (int j = 0; j < 32; j++) sum += q[j];
@@ -90,7 +100,14 @@ TTC_AVX512_VNNI QuantizedRows quantize(const float* x, int64_t T, int64_t K, boo
         const int64_t lane_group = int4_order ? (lane / 4) % 2 : lane / 8;
         if (!paired || lane_group == g % 2) s16[lane] = d;
       }
-      if (!int4_order) out.offset16[(t * P + g / 2) * 16 + (paired ? (g % 2) * 8 : 0)] = 128 * sum;
+      if (!int4_order) {  // 128 * each lane's own 4 codes (the lane vpdpbusd sums them into): exact per lane
+        int32_t* offsets = out.offset16.data() + (t * P + g / 2) * 16;
+        if (paired)
+          for (int lane = 0; lane < 8; lane++)
+            offsets[(g % 2) * 8 + lane] = 128 * (q[4 * lane] + q[4 * lane + 1] + q[4 * lane + 2] + q[4 * lane + 3]);
+        else
+          offsets[0] = 128 * sum;  // the unpaired last group is summed across lanes first
+      }
       out.sums[t * G + g] = d * static_cast<float>(sum);
     }
   return out;
