@@ -26,7 +26,7 @@ def w4a8_linear(n, k, seed=0):
 
 
 @needs_vnni
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 19])  # tiles of 8 rows, then one of the 1-7 left
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (576, 576), (96, 1536), (32, 608), (33, 576)])  # odd groups, odd N
 def test_the_int4_kernel_equals_its_twin_to_float32_rounding(rows, n, k):
     lin, q, d, m = w4a8_linear(n, k)

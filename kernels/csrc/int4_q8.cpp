@@ -25,13 +25,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #define TTC_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c")))
 
 namespace {
 
-constexpr int64_t ROWS = 4;  // rows of x per pass over a pair of groups' codes
+constexpr int ROWS = 8;  // rows of x per pass over a pair of groups' codes (x 2 weight rows: 16 accumulators)
 #ifndef TTC_PREFETCH_ROWS
 #define TTC_PREFETCH_ROWS 16
 #endif
@@ -231,13 +232,24 @@ torch::Tensor w4a8_matmul(const torch::Tensor& x, const torch::Tensor& codes, co
   const S* mp = m ? m->data_ptr<S>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    // rows of x in tiles of ROWS, then one tile of the 1-7 left (each row's arithmetic is the same in any tile)
+    auto run = [&](auto rows, int64_t t) {
+      tile<decltype(rows)::value, INT4, S>(xq.q.data() + t * K, xq.scale16.data() + t * PS * 16,
+                                           xq.sums.data() + t * G, xq.offset16.data() + t * PS * 16, K, cp, dp, mp,
+                                           yp + t * N, N, n0, n1);
+    };
     int64_t t = 0;
-    for (; t + ROWS <= T; t += ROWS)
-      tile<ROWS, INT4, S>(xq.q.data() + t * K, xq.scale16.data() + t * PS * 16, xq.sums.data() + t * G,
-                       xq.offset16.data() + t * PS * 16, K, cp, dp, mp, yp + t * N, N, n0, n1);
-    for (; t < T; t++)
-      tile<1, INT4, S>(xq.q.data() + t * K, xq.scale16.data() + t * PS * 16, xq.sums.data() + t * G,
-                    xq.offset16.data() + t * PS * 16, K, cp, dp, mp, yp + t * N, N, n0, n1);
+    for (; t + ROWS <= T; t += ROWS) run(std::integral_constant<int, ROWS>{}, t);
+    switch (T - t) {
+      case 7: run(std::integral_constant<int, 7>{}, t); break;
+      case 6: run(std::integral_constant<int, 6>{}, t); break;
+      case 5: run(std::integral_constant<int, 5>{}, t); break;
+      case 4: run(std::integral_constant<int, 4>{}, t); break;
+      case 3: run(std::integral_constant<int, 3>{}, t); break;
+      case 2: run(std::integral_constant<int, 2>{}, t); break;
+      case 1: run(std::integral_constant<int, 1>{}, t); break;
+      default: break;
+    }
   });
   return y;
 }
