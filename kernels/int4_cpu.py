@@ -74,13 +74,11 @@ def available() -> bool:
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return False
 
-    @torch.library.register_fake("ttc_cpu::int4_linear")
-    def _(x, nibbles, d, m):
-        return x.new_empty(x.shape[0], nibbles.shape[0])
+    def linear_shape(x, codes, *scales):  # x (T, K), codes (N, ...) -> (T, N), for every linear op here
+        return x.new_empty(x.shape[0], codes.shape[0])
 
-    @torch.library.register_fake("ttc_cpu::int8_linear")
-    def _(x, q, d):
-        return x.new_empty(x.shape[0], q.shape[0])
+    for name in ("int4_linear", "int8_linear", "int4_q8_linear", "int8_q8_linear"):
+        torch.library.register_fake(f"ttc_cpu::{name}")(linear_shape)
 
     @torch.library.register_fake("ttc_cpu::rms_norm")
     def _(x, w, eps):
@@ -97,14 +95,6 @@ def available() -> bool:
     @torch.library.register_fake("ttc_cpu::paged_attention")
     def _(q, k_cache, v_cache, slots, bias, scale):
         return torch.empty_like(q, dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-    @torch.library.register_fake("ttc_cpu::int4_q8_linear")
-    def _(x, nibbles, d, m):
-        return x.new_empty(x.shape[0], nibbles.shape[0])
-
-    @torch.library.register_fake("ttc_cpu::int8_q8_linear")
-    def _(x, codes, d):
-        return x.new_empty(x.shape[0], codes.shape[0])
 
     @torch.library.register_fake("ttc_cpu::attn_in_bf16")
     def _(h, packed, scales_and_zeros, bias, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):

@@ -354,10 +354,10 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, 
         if mode == "w4a8" and not int4_cpu.w4a8_available():
             raise ValueError("w4a8 needs ttc's CPU kernels with AVX512-VNNI (this CPU or build lacks them); use int4")
         if mode == "w4a8" and not lin.use_w4a8_kernel(exact_dm):
-            # a shape the kernel refuses (K not a multiple of 32, a padded group): this linear runs int4's float32
-            # kernel or its reference, and the model's layers then run eager (FusedLayer.build_all)
-            log.warning("w4a8: a %s linear runs as int4 with float32 activations (its shape)", tuple(weight.shape))
-            lin.use_float32_kernel(exact_dm=exact_dm)
+            # a shape ttc's kernels refuse (K not a multiple of 32, a padded group; the float32 int4 kernel refuses
+            # it too): this linear runs its float32 reference, and the model's layers run eager (FusedLayer.build_all)
+            log.warning("w4a8: a %s linear runs its float32 reference (a shape the kernel refuses)",
+                        tuple(weight.shape))
         if mode == "int4" and activations == torch.float32:  # where it cannot, float32 activations run the reference
             lin.use_float32_kernel(exact_dm=exact_dm)
         return lin

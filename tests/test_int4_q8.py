@@ -64,13 +64,15 @@ def test_a_nan_or_an_infinity_in_a_row_makes_that_row_nan_and_leaves_the_others_
     assert torch.equal(y[1], lin(x[1:2])[0]) and y[1].isfinite().all()
 
 
-def test_a_shape_the_w4a8_kernel_refuses_runs_as_float32_int4_instead_of_failing(monkeypatch):
+def test_a_shape_the_w4a8_kernel_refuses_runs_its_reference_instead_of_failing(monkeypatch):
     if not int4_cpu.available():
         pytest.skip("ttc's CPU kernels are not built here")
     monkeypatch.setattr(int4_cpu, "w4a8_available", lambda: True)
     lin = quantize_linear(torch.randn(32, 40), None, "w4a8")  # K = 40: a padded last group
-    assert not lin.w4a8
-    assert lin(torch.randn(2, 40)).shape == (2, 32)
+    assert not lin.w4a8 and lin.d is None  # neither ttc kernel took it
+    x = torch.randn(2, 40)
+    assert lin(x).shape == (2, 32)
+    assert torch.equal(lin(x), lin.reference(x))
 
 
 @needs_vnni

@@ -28,9 +28,6 @@ namespace {
 constexpr int64_t ROWS = 4;        // rows of x per pass over a group's unpacked codes (8 spill registers: slower)
 // up to this many rows: the unpacking kernel; more: dequantize + GEMM (measured crossover ~32-48)
 constexpr int64_t GEMV_ROWS = 32;
-// Codes (and scales) are prefetched this many weight rows ahead: a thread's share of one layer's matrix is
-// too short a stream for the hardware prefetcher to ramp up before it ends (int4_q8.cpp does the same).
-constexpr int64_t PREFETCH_ROWS = 16;
 
 // The 8 codes of inputs 8k..8k+7 of a group as floats: dword k of the group's 16 bytes holds them in its
 // nibbles 0..7 (input 2j in the low nibble of byte j), so a broadcast of that dword (a load, not a shuffle)
@@ -48,11 +45,10 @@ void tile(const float* x, int64_t K, const float* xsum, int64_t G, const uint8_t
   const __m256i low4 = _mm256_set1_epi32(0x0F);
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   for (int64_t n = n0; n < n1; n++) {
-    if (n + PREFETCH_ROWS < N) {  // see PREFETCH_ROWS
-      for (int64_t byte = 0; byte < K / 2; byte += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(nibbles + (n + PREFETCH_ROWS) * (K / 2) + byte), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(d + (n + PREFETCH_ROWS) * G), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(m + (n + PREFETCH_ROWS) * G), _MM_HINT_T0);
+    if (n + PREFETCH_ROWS < N) {  // int4_cpu.h
+      prefetch_bytes(nibbles + (n + PREFETCH_ROWS) * (K / 2), K / 2);
+      prefetch_bytes(d + (n + PREFETCH_ROWS) * G, 1);
+      prefetch_bytes(m + (n + PREFETCH_ROWS) * G, 1);
     }
     __m256 acc[R];
     float macc[R];
@@ -165,9 +161,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n++) {
-      if (n + PREFETCH_ROWS < N)
-        for (int64_t byte = 0; byte < K; byte += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(qp + (n + PREFETCH_ROWS) * K + byte), _MM_HINT_T0);
+      if (n + PREFETCH_ROWS < N) prefetch_bytes(qp + (n + PREFETCH_ROWS) * K, K);  // int4_cpu.h
       for (int64_t t = 0; t < T; t++) {
         const float* xr = xp + t * K;
         const int8_t* row = qp + n * K;

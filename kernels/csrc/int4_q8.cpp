@@ -33,10 +33,6 @@
 namespace {
 
 constexpr int ROWS = 8;  // rows of x per pass over a pair of groups' codes (x 2 weight rows: 16 accumulators)
-#ifndef TTC_PREFETCH_ROWS
-#define TTC_PREFETCH_ROWS 16
-#endif
-constexpr int64_t PREFETCH_ROWS = TTC_PREFETCH_ROWS;  // weight rows ahead of the one being multiplied
 
 // Activation layout (int8, K per row): groups in pairs of 64 bytes. int4's pair (g0, g1): [g0's even inputs (16),
 // g1's even (16), g0's odd (16), g1's odd (16)], matching the nibbles' low (even inputs) and high halves loaded
@@ -143,17 +139,13 @@ TTC_AVX512_VNNI inline void weight_rows(const int8_t* xq, const float* scale16, 
   const __m512i pair_lanes = INT4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
                                   : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const int64_t row_bytes = INT4 ? K / 2 : K;
-  // Prefetch the codes PREFETCH_ROWS weight rows ahead: each thread's share of a layer's matrix is too short a
-  // stream (tens of KB) for the hardware prefetcher to ramp up before it ends. (Past n1 it reads nothing wrong:
-  // a prefetch never faults; the end of the matrix is clamped.)
-  if (n + NW + PREFETCH_ROWS <= N)
-    for (int w = 0; w < NW; w++)
-      for (int64_t byte = 0; byte < row_bytes; byte += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(codes + (n + w + PREFETCH_ROWS) * row_bytes + byte), _MM_HINT_T0);
-  if (n + NW + PREFETCH_ROWS <= N)  // and the scales (float16: a line covers several rows)
-    _mm_prefetch(reinterpret_cast<const char*>(dw + (n + PREFETCH_ROWS) * (K / 32)), _MM_HINT_T0);
-  if (INT4 && n + NW + PREFETCH_ROWS <= N)
-    _mm_prefetch(reinterpret_cast<const char*>(mw + (n + PREFETCH_ROWS) * (K / 32)), _MM_HINT_T0);
+  // The codes PREFETCH_ROWS weight rows ahead (int4_cpu.h), and the scales (float16: a line covers several
+  // rows). Past n1 is another thread's share: still the same matrix; past its end nothing is prefetched.
+  if (n + NW + PREFETCH_ROWS <= N) {
+    prefetch_bytes(codes + (n + PREFETCH_ROWS) * row_bytes, NW * row_bytes);
+    prefetch_bytes(dw + (n + PREFETCH_ROWS) * G, 1);
+    if (INT4) prefetch_bytes(mw + (n + PREFETCH_ROWS) * G, 1);
+  }
   __m512 acc[NW][R];
   for (int w = 0; w < NW; w++)
     for (int r = 0; r < R; r++) acc[w][r] = _mm512_setzero_ps();
