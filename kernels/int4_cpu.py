@@ -77,8 +77,13 @@ def available() -> bool:
     def linear_shape(x, codes, *scales):  # x (T, K), codes (N, ...) -> (T, N), for every linear op here
         return x.new_empty(x.shape[0], codes.shape[0])
 
-    for name in ("int4_linear", "int8_linear", "int4_q8_linear", "int8_q8_linear"):
+    def w4a8_shape(x, codes, *scales):  # codes (N/16, K/32, bytes): W4A8's column blocks
+        return x.new_empty(x.shape[0], codes.shape[0] * W4A8_COLUMNS)
+
+    for name in ("int4_linear", "int8_linear"):
         torch.library.register_fake(f"ttc_cpu::{name}")(linear_shape)
+    for name in ("int4_q8_linear", "int8_q8_linear"):
+        torch.library.register_fake(f"ttc_cpu::{name}")(w4a8_shape)
 
     @torch.library.register_fake("ttc_cpu::rms_norm")
     def _(x, w, eps):
@@ -117,6 +122,41 @@ def w4a8_available() -> bool:
     return W4A8_FLAGS <= _cpu_flags() and available()
 
 
+# W4A8's weight layout (csrc/int4_q8.cpp): column blocks of 16 outputs; per (block, group of 32 inputs) the
+# codes as B[k4][c][i] = q[16 * block + c][32 * group + 4 * k4 + i], k4 < 8, c < 16, i < 4 (the order
+# vpdpbusd's one-column-per-lane products read), int4 two to a byte (B[j] low, B[256 + j] high).
+W4A8_COLUMNS = 16
+
+
+def w4a8_pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """q (N, K) uint8 codes (int4: 0..15; int8: q + 128), N a multiple of 16, K of 32 -> (N/16, K/32, 256 or 512)."""
+    n, k = q.shape
+    blocks = q.reshape(n // W4A8_COLUMNS, W4A8_COLUMNS, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4)
+    flat = blocks.reshape(n // W4A8_COLUMNS, k // GROUP, 512).to(torch.uint8)
+    if bits == 8:
+        return flat.contiguous()
+    return (flat[..., :256] | (flat[..., 256:] << 4)).contiguous()
+
+
+def w4a8_unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """`w4a8_pack_codes`' inverse: (N/16, K/32, 256 or 512) -> (N, K) uint8."""
+    blocks, groups, size = packed.shape
+    flat = packed if size == 512 else torch.cat((packed & 0x0F, packed >> 4), dim=-1)
+    q = flat.reshape(blocks, groups, 8, W4A8_COLUMNS, 4).permute(0, 3, 1, 2, 4)
+    return q.reshape(blocks * W4A8_COLUMNS, groups * GROUP)
+
+
+def w4a8_pack_scales(s: torch.Tensor) -> torch.Tensor:
+    """Per (output, group) scales (N, G) -> (N/16, G, 16): one block's 16 outputs side by side."""
+    n, groups = s.shape
+    return s.reshape(n // W4A8_COLUMNS, W4A8_COLUMNS, groups).transpose(1, 2).contiguous()
+
+
+def w4a8_unpack_scales(s: torch.Tensor) -> torch.Tensor:
+    """`w4a8_pack_scales`' inverse: (N/16, G, 16) -> (N, G)."""
+    return s.transpose(1, 2).reshape(-1, s.shape[1])
+
+
 HEAD_ROWS = 16  # up to this many rows the int8 head kernel beats the float32 GEMM (19 against 29 ms at 16 rows)
 
 
@@ -137,11 +177,12 @@ class Int8HeadLinear:
 
     def __init__(self, weight: torch.Tensor, q: torch.Tensor, d: torch.Tensor, w4a8: bool = False):
         self.weight, self.q, self.d = weight, q, d
-        # W4A8 models: the codes + 128 as uint8 (vpdpbusd multiplies unsigned by signed bytes), every row count;
-        # then only these are kept (`codes` gives q back for the twin)
-        self.w4a8_codes = (q.to(torch.int16) + 128).to(torch.uint8).contiguous() if w4a8 else None
-        if w4a8:
-            self.q = None
+        # W4A8 models: the codes + 128 as uint8 (vpdpbusd multiplies unsigned by signed bytes) and d in W4A8's
+        # column blocks, every row count; then only these are kept (`reference` unpacks them for the twin)
+        self.w4a8_codes = None
+        if w4a8 and q.shape[0] % W4A8_COLUMNS == 0:
+            self.w4a8_codes = w4a8_pack_codes((q.to(torch.int16) + 128).to(torch.uint8), bits=8)
+            self.q, self.d = None, w4a8_pack_scales(d)
 
     @classmethod
     def exact_from_float(cls, weight: torch.Tensor, w4a8: bool = False) -> Int8HeadLinear | None:
@@ -169,8 +210,9 @@ class Int8HeadLinear:
         if self.w4a8_codes is not None:
             from .quant import w4a8_reference
 
-            codes = self.w4a8_codes.to(torch.int16) - 128
-            return w4a8_reference(x.reshape(-1, x.shape[-1]), codes, self.d, None).reshape(*x.shape[:-1], -1)
+            codes = w4a8_unpack_codes(self.w4a8_codes).to(torch.int16) - 128
+            return w4a8_reference(x.reshape(-1, x.shape[-1]), codes, w4a8_unpack_scales(self.d),
+                                  None).reshape(*x.shape[:-1], -1)
         return torch.nn.functional.linear(x, self.weight)
 
 

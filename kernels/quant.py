@@ -169,16 +169,19 @@ def w4a8_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: tor
     return _add_bias(y, bias)
 
 
-def int4_w4a8_linear(x: torch.Tensor, nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+def int4_w4a8_linear(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """x (T, K) float32 quantized to int8 per group, times the int4 codes with integer dot products (W4A8,
-    csrc/int4_q8.cpp): `w4a8_reference` is its twin."""
-    return _add_bias(torch.ops.ttc_cpu.int4_q8_linear(x, nibbles, d, m), bias)
+    csrc/int4_q8.cpp); packed (N/16, K/32, 256), d and m (N/16, K/32, 16) float16 in W4A8's column blocks
+    (int4_cpu.w4a8_pack_codes): `w4a8_reference` is its twin."""
+    return _add_bias(torch.ops.ttc_cpu.int4_q8_linear(x, packed, d, m), bias)
 
 
-def _int4_w4a8_reference(x: torch.Tensor, nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+def _int4_w4a8_reference(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
-    return w4a8_reference(x, _unpack_nibbles(nibbles), d, m, bias).to(x.dtype)
+    """`int4_w4a8_linear`'s arguments (W4A8's column blocks, int4_cpu.w4a8_pack_codes) -> its twin's result."""
+    return w4a8_reference(x, int4_cpu.w4a8_unpack_codes(packed), int4_cpu.w4a8_unpack_scales(d),
+                          int4_cpu.w4a8_unpack_scales(m), bias).to(x.dtype)
 
 
 def _unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
@@ -207,7 +210,8 @@ class Int4Linear:
     """y = x @ w.T + bias with w = (q - 8) * scale + zero per (row, group of inputs), q in 0..15.
 
     Stored: the nibbles (N, K/2) for the reference and `weight`, the kernel's packed copy (N, K/2) (None where
-    the kernel refuses the shape), scales_and_zeros (K/group, N, 2) bfloat16: about 1.1 bytes a weight.
+    the kernel refuses the shape), scales_and_zeros (K/group, N, 2) bfloat16: about 1.1 bytes a weight. After
+    `use_w4a8_kernel`, `nibbles`, `d` and `m` hold W4A8's column blocks instead (int4_cpu.w4a8_pack_codes).
     """
 
     __slots__ = ("bias", "d", "in_features", "m", "nibbles", "packed", "scales_and_zeros", "w4a8")
@@ -287,11 +291,15 @@ class Int4Linear:
         integer dot products (W4A8: csrc/int4_q8.cpp, AVX512-VNNI), if this CPU has them. The weight stays the
         same; the activations' rounding is what changes, so `reference` becomes `w4a8_reference` (the same
         quantization in PyTorch). Returns whether it did."""
-        if not int4_cpu.w4a8_available() or not self.use_float32_kernel(exact_dm):
+        if (not int4_cpu.w4a8_available() or self.nibbles.shape[0] % int4_cpu.W4A8_COLUMNS
+                or not self.use_float32_kernel(exact_dm)):
             return False
-        # d and m in float16, as a GGUF's Q4_1 blocks store them (exact there; rounded once otherwise, and the
-        # twin and `weight` read the same rounded values): at one stream the layers are bound by bytes read
-        self.d, self.m, self.w4a8 = self.d.half(), self.m.half(), True
+        # the codes, d and m in the kernel's column blocks (int4_cpu.w4a8_pack_codes), kept instead of the row
+        # form; d and m in float16, as a GGUF's Q4_1 blocks store them (exact there; rounded once otherwise, and
+        # the twin and `weight` read the same rounded values): at one stream the layers are bound by bytes read
+        self.nibbles = int4_cpu.w4a8_pack_codes(_unpack_nibbles(self.nibbles), bits=4)
+        self.d, self.m = int4_cpu.w4a8_pack_scales(self.d.half()), int4_cpu.w4a8_pack_scales(self.m.half())
+        self.w4a8 = True
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -314,6 +322,10 @@ class Int4Linear:
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (N, K) float32 (a full dequantization per read)."""
+        if self.w4a8:  # the same, from the column blocks
+            d, m = int4_cpu.w4a8_unpack_scales(self.d), int4_cpu.w4a8_unpack_scales(self.m)
+            return (int4_cpu.w4a8_unpack_codes(self.nibbles).float().unflatten(1, (-1, int4_cpu.GROUP))
+                    * d.float()[..., None] + m.float()[..., None]).flatten(1)
         if self.d is not None:  # q * d + m, the float32 kernel's weight
             return (_unpack_nibbles(self.nibbles).float().unflatten(1, (-1, int4_cpu.GROUP)) * self.d[..., None]
                     + self.m[..., None]).flatten(1)

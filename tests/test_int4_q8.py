@@ -27,15 +27,33 @@ def w4a8_linear(n, k, seed=0):
 
 @needs_vnni
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 19])  # tiles of 8 rows, then one of the 1-7 left
-@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (576, 576), (96, 1536), (32, 608), (33, 576)])  # odd groups, odd N
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (576, 576), (96, 1536), (32, 608)])  # odd group counts
 def test_the_int4_kernel_equals_its_twin_to_float32_rounding(rows, n, k):
     lin, q, d, m = w4a8_linear(n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    assert lin.d.dtype == torch.float16 and torch.equal(lin.d.float(), d.half().float())  # GGUF's own storage
-    fast, twin = lin(x), w4a8_reference(x, q, lin.d, lin.m)
+    d16, m16 = int4_cpu.w4a8_unpack_scales(lin.d), int4_cpu.w4a8_unpack_scales(lin.m)
+    assert d16.dtype == torch.float16 and torch.equal(d16.float(), d.half().float())  # GGUF's own storage
+    fast, twin = lin(x), w4a8_reference(x, q, d16, m16)
     assert fast.shape == (rows, n) and fast.dtype == torch.float32
     torch.testing.assert_close(fast, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
     torch.testing.assert_close(lin.reference(x), twin, rtol=0, atol=0)  # the linear's own twin is that one
+    torch.testing.assert_close(lin.weight, q.float() * d16.float().repeat_interleave(32, 1)
+                               + m16.float().repeat_interleave(32, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_codes_and_scales_into_column_blocks_puts_each_code_where_the_kernel_reads_it(bits):
+    g = torch.Generator().manual_seed(6)
+    q = torch.randint(0, 16 if bits == 4 else 256, (32, 64), generator=g).to(torch.uint8)
+    packed = int4_cpu.w4a8_pack_codes(q, bits)
+    assert packed.shape == (2, 2, 256 if bits == 4 else 512)
+    flat = packed[1, 1] if bits == 8 else torch.cat((packed[1, 1] & 0x0F, packed[1, 1] >> 4))
+    # B[k4][c][i] = q[16 * block + c][32 * group + 4 * k4 + i]: block 1, group 1, k4 = 5, column 3, i = 2
+    assert flat[5 * 64 + 3 * 4 + 2] == q[16 + 3, 32 + 4 * 5 + 2]
+    assert torch.equal(int4_cpu.w4a8_unpack_codes(packed), q)
+    scales = torch.randn(32, 2, generator=g)
+    assert int4_cpu.w4a8_pack_scales(scales)[1, 0, 3] == scales[19, 0]
+    assert torch.equal(int4_cpu.w4a8_unpack_scales(int4_cpu.w4a8_pack_scales(scales)), scales)
 
 
 @needs_vnni
@@ -51,7 +69,7 @@ def test_each_activation_is_rounded_half_to_even_exactly_as_the_twin_rounds_it()
     x[1, 33:37] = torch.tensor([4.5, -0.49999997, 5.5, -6.5])
     y = lin(x)
     assert torch.equal(y, x.round())  # half to even: 2.5 -> 2, 3.5 -> 4, -0.5 -> -0, 126.5 -> 126
-    assert torch.equal(y, w4a8_reference(x, one_hot, lin.d, lin.m))
+    assert torch.equal(y, lin.reference(x))
 
 
 @needs_vnni
@@ -59,19 +77,20 @@ def test_a_nan_or_an_infinity_in_a_row_makes_that_row_nan_and_leaves_the_others_
     lin, q, d, m = w4a8_linear(64, 576)
     x = torch.randn(3, 576, generator=torch.Generator().manual_seed(5))
     x[0, 40], x[2, 300] = float("nan"), float("inf")
-    y, twin = lin(x), w4a8_reference(x, q, lin.d, lin.m)
+    y, twin = lin(x), lin.reference(x)
     assert y[0].isnan().all() and y[2].isnan().all() and twin[0].isnan().all() and twin[2].isnan().all()
     assert torch.equal(y[1], lin(x[1:2])[0]) and y[1].isfinite().all()
 
 
-def test_a_shape_the_w4a8_kernel_refuses_runs_its_reference_instead_of_failing(monkeypatch):
+@pytest.mark.parametrize("n,k", [(32, 40), (33, 64)])  # a padded last group; N not a multiple of 16
+def test_a_shape_the_w4a8_kernel_refuses_runs_its_reference_instead_of_failing(monkeypatch, n, k):
     if not int4_cpu.available():
         pytest.skip("ttc's CPU kernels are not built here")
     monkeypatch.setattr(int4_cpu, "w4a8_available", lambda: True)
-    lin = quantize_linear(torch.randn(32, 40), None, "w4a8")  # K = 40: a padded last group
+    lin = quantize_linear(torch.randn(n, k), None, "w4a8")
     assert not lin.w4a8 and lin.d is None  # neither ttc kernel took it
-    x = torch.randn(2, 40)
-    assert lin(x).shape == (2, 32)
+    x = torch.randn(2, k)
+    assert lin(x).shape == (2, n)
     assert torch.equal(lin(x), lin.reference(x))
 
 
@@ -110,22 +129,37 @@ def test_a_row_does_not_depend_on_the_other_rows_or_the_thread_count():
     assert torch.equal(batch, alone) and torch.equal(batch, one_thread)
 
 
+def q8_0_head(n, k, seed=4):
+    """A weight (n, k) whose requantization recovers its codes and scales exactly (a Q8_0 head), and its codes."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (n, k), generator=g).float()
+    codes[:, ::32] = 127  # with power-of-two scales, requantizing q * d recovers q and d exactly
+    scales = 2.0 ** -torch.randint(5, 10, (n, k // 32, 1), generator=g).float()
+    return (codes.view(n, k // 32, 32) * scales).view(n, k), codes
+
+
 @needs_vnni
 @pytest.mark.parametrize("rows", [1, 2, 5, 40])
-@pytest.mark.parametrize("k", [96, 576])  # one pair and the unpaired tail; nine pairs
+@pytest.mark.parametrize("k", [96, 576])  # three groups; eighteen
 def test_the_int8_head_equals_its_twin_at_every_row_count(rows, k):
-    g = torch.Generator().manual_seed(4)
-    codes = torch.randint(-127, 128, (200, k), generator=g).float()
-    codes[:, ::32] = 127  # with power-of-two scales, requantizing q * d recovers q and d exactly (a Q8_0 head)
-    scales = 2.0 ** -torch.randint(5, 10, (200, k // 32, 1), generator=g).float()
-    weight = (codes.view(200, k // 32, 32) * scales).view(200, k)
+    weight, codes = q8_0_head(208, k)
     head = Int8HeadLinear.exact_from_float(weight, w4a8=True)
     assert head is not None and head.w4a8_codes is not None
-    x = torch.randn(rows, k, generator=g)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     twin = head.reference(x)
-    torch.testing.assert_close(twin, w4a8_reference(x, codes.to(torch.int8), head.d, None), rtol=0, atol=0)
+    d = int4_cpu.w4a8_unpack_scales(head.d)
+    torch.testing.assert_close(twin, w4a8_reference(x, codes.to(torch.int8), d, None), rtol=0, atol=0)
     torch.testing.assert_close(head(x), twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
     assert torch.equal(head(x)[:1], head(x[:1]))
+
+
+@needs_vnni
+def test_a_head_whose_rows_are_not_a_multiple_of_16_keeps_the_plain_int8_head():
+    weight, _ = q8_0_head(200, 64)
+    head = Int8HeadLinear.exact_from_float(weight, w4a8=True)
+    assert head.w4a8_codes is None and head.q is not None
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(head(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
 def test_dtype_w4a8_on_a_machine_without_vnni_is_a_one_line_error(monkeypatch):

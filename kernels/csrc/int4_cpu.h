@@ -31,8 +31,8 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& nibbles, 
                           const torch::Tensor& m);
 // RMSNorm of x (T, H) float32 or bfloat16 (computed in float32, rounded once), w (H,) float32 (int4_cpu.cpp).
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
-// y = x @ w.T for Q4_1-form int4 weights with x quantized to int8 per group of 32 (W4A8, int4_q8.cpp);
-// callers check w4a8_supported() (AVX512-VNNI) first.
+// y = x @ w.T for Q4_1-form int4 weights in W4A8's column blocks with x quantized to int8 per group of 32
+// (W4A8, int4_q8.cpp); callers check w4a8_supported() (AVX512-VNNI) first.
 bool w4a8_supported();
-torch::Tensor int4_q8_linear(const torch::Tensor& x, const torch::Tensor& nibbles, const torch::Tensor& d,
+torch::Tensor int4_q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& d,
                              const torch::Tensor& m);
