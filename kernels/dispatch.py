@@ -93,11 +93,13 @@ def apply_rotary(x, cos, sin, inplace: bool = False, tables=None):
     return x.copy_(out) if inplace else out
 
 
-def sample(logits, temperature, top_k, top_p, min_p, uniforms):
+def sample(logits, temperature, top_k, top_p, min_p, uniforms, lse=None):
     """logits (B, V), per-row parameters (B,) and uniforms (B,) -> (tokens (B,) long, logprobs (B,) float32).
 
-    The parameters may live on the CPU whatever the logits' device; each implementation moves them.
+    The parameters may live on the CPU whatever the logits' device; each implementation moves them. lse: the
+    rows' torch.logsumexp if the caller has it (the reference then skips that pass; the Triton kernel computes
+    its own in the same pass as the rest).
     """
     if uses_triton(logits):
         return _triton("sampling_triton").sample(logits, temperature, top_k, top_p, min_p, uniforms)
-    return sample_reference(logits, temperature, top_k, top_p, min_p, uniforms)
+    return sample_reference(logits, temperature, top_k, top_p, min_p, uniforms, lse)

@@ -31,18 +31,20 @@ import torch
 
 
 def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                     min_p: torch.Tensor, uniforms: torch.Tensor):
+                     min_p: torch.Tensor, uniforms: torch.Tensor, lse: torch.Tensor | None = None):
     """logits (B, V); temperature, top_p, min_p (B,) float; top_k (B,) int, 0 = no limit; uniforms (B,) in [0, 1).
 
     Returns (tokens (B,) long, logprobs (B,) float32). Parameters may be float64 (the engine passes
     temperature and top_p that way): a row is greedy when temperature == 0 and sorts when top_p < 1,
-    both decided in the given dtype; the arithmetic is float32. Parameters may sit on the CPU.
+    both decided in the given dtype; the arithmetic is float32. Parameters may sit on the CPU. lse: the rows'
+    torch.logsumexp, where the caller has it already (the same values; computed here otherwise).
     """
     logits = logits.float()
     B = logits.shape[0]
     dev = logits.device
     temperature, top_k, top_p, min_p, uniforms = (t.to(dev) for t in (temperature, top_k, top_p, min_p, uniforms))
-    lse = torch.logsumexp(logits, dim=-1)  # (B,); one pass instead of a full log_softmax
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)  # (B,); one pass instead of a full log_softmax
     hot = temperature > 0
     R = int(hot.sum())
     if R == 0:

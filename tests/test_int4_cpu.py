@@ -232,6 +232,23 @@ def test_paged_attention_equals_gathered_keys_through_the_reference_softmax_incl
     assert torch.equal(o[3], torch.zeros_like(o[3])) and bool((lse[3] == float("-inf")).all())
 
 
+@pytest.mark.parametrize("scale", [0.5, 4.0])  # score spreads of tens, and of hundreds (weights underflow to 0)
+def test_paged_attention_keeps_float32_accuracy_over_wide_score_ranges_and_long_rows(scale):
+    from ttc.kernels.attention import _partial_reference
+
+    gen = torch.Generator().manual_seed(7)
+    S, Hkv, G, D, b, P = 300, 2, 3, 64, 2, 257  # P not a multiple of the 8-wide exp
+    k_cache, v_cache = torch.randn(S, Hkv, D, generator=gen), torch.randn(S, Hkv, D, generator=gen)
+    q = torch.randn(b, Hkv, G, D, generator=gen)
+    slots = torch.randint(0, S, (b, P), generator=gen)
+    bias = torch.zeros(b, 1, 1, P)
+    o, lse = int4_cpu.paged_partial(q, k_cache, v_cache, slots, bias, scale)
+    k, v = k_cache[slots].permute(0, 2, 1, 3), v_cache[slots].permute(0, 2, 1, 3)
+    o_ref, lse_ref = _partial_reference(q, k, v, bias, scale)
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-6, atol=1e-5)
+
+
 def test_cascade_decode_with_the_in_place_private_part_equals_the_naive_twin():
     from ttc.kernels import attention
 

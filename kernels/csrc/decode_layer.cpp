@@ -110,21 +110,47 @@ std::tuple<torch::Tensor, torch::Tensor> attn_out_mlp(
   return mlp_block(a, x, linear, mlp_norm, next_norm, eps);
 }
 
+// exp of 8 floats <= 0 (scores minus their row's maximum), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7
+// polynomial in r, times 2^n; within 2 ulp of libm's. Below -87 (and -inf, a masked key) it gives 0, where libm
+// gives a denormal under 1.7e-38 of the row's top weight (or 0). Why not libm's expf: one call per score was
+// most of this kernel's time (~15 cycles each, three query heads per key).
+inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 floor = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, floor);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * the first
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(two_n)));
+}
+
 // --- decode attention straight from the paged pool (the same models) ------------------------------------------
 // q (b, Hkv, G, D) float32 or bfloat16 (the caches' dtype): one query row per sequence, grouped by KV head;
 // slots (b, P) each row's pool slots; bias (b, P) float32 or bfloat16: 0 or -inf (padding). Returns the
 // softmax state (o (b, Hkv, G, D), lse (b, Hkv, G)) that the cascade merges with its shared segments
 // (ttc/kernels/attention.py). Why: the eager private part is two gathers into a workspace, two permutes and
 // ATen's flash kernel, ~10 ops and a thread launch a layer (at one stream ~45 us for ~150 keys); this reads each key and value row once where it lies. Scores are float32 dot products of
-// 8-wide FMAs, exp is libm's: the rounding is not the flash kernel's (tests compare them within float32 error).
+// 8-wide FMAs, exp is `exp_nonpositive8`: the rounding is not the flash kernel's (tests compare them within
+// float32 error).
 // A row with no valid key gets (0, -inf), as the reference defines it.
 template <typename T, typename Bias>
 void paged_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* sp, const Bias* bp, float* op,
                           float* lp, int64_t b, int64_t Hkv, int64_t G, int64_t D, int64_t P, float scale) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t work = std::max<int64_t>(1, P * G * D);
+  const int64_t P8 = (P + 7) / 8 * 8;  // scores padded to whole vectors (the padding's exp is never read)
   at::parallel_for(0, b * Hkv, std::max<int64_t>(1, 65536 / work), [&](int64_t i0, int64_t i1) {  // small: inline
-    std::vector<float> scores(G * P);
+    std::vector<float> scores(G * P8, neg_inf), weights(P);
+    std::vector<int64_t> live(P);
     for (int64_t i = i0; i < i1; i++) {
       const int64_t row = i / Hkv, head = i % Hkv;
       const T* qr = qp + i * G * D;
@@ -132,26 +158,33 @@ void paged_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* 
         const float bias_p = static_cast<float>(bp[row * P + p]);
         const T* kr = kp + (sp[row * P + p] * Hkv + head) * D;
         for (int64_t g = 0; g < G; g++) {
-          if (bias_p == neg_inf) { scores[g * P + p] = neg_inf; continue; }
+          if (bias_p == neg_inf) { scores[g * P8 + p] = neg_inf; continue; }
           __m256 acc = _mm256_setzero_ps();
           for (int64_t j = 0; j < D; j += 8) acc = _mm256_fmadd_ps(load8(qr + g * D + j), load8(kr + j), acc);
-          scores[g * P + p] = hsum(acc) * scale + bias_p;
+          scores[g * P8 + p] = hsum(acc) * scale + bias_p;
         }
       }
       for (int64_t g = 0; g < G; g++) {
-        float* s = scores.data() + g * P;
+        float* s = scores.data() + g * P8;
         float top = neg_inf;
         for (int64_t p = 0; p < P; p++) top = std::max(top, s[p]);
         if (top == neg_inf) { lp[i * G + g] = neg_inf; continue; }  // no valid key: o stays 0
+        const __m256 topv = _mm256_set1_ps(top);
+        for (int64_t p = 0; p < P8; p += 8)
+          _mm256_storeu_ps(s + p, exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + p), topv)));
         float total = 0.f;
-        for (int64_t p = 0; p < P; p++) { s[p] = std::exp(s[p] - top); total += s[p]; }
+        for (int64_t p = 0; p < P; p++) total += s[p];  // in key order, as before
+        int64_t n_live = 0;  // the keys with a nonzero weight, and their weights
+        for (int64_t p = 0; p < P; p++)
+          if (s[p] != 0.f) live[n_live] = p, weights[n_live++] = s[p] / total;
+        // o = sum of weight * v over the live keys in key order, 8 dims at a time in a register
         float* out = op + (i * G + g) * D;
-        for (int64_t p = 0; p < P; p++) {
-          if (s[p] == 0.f) continue;
-          const __m256 w = _mm256_set1_ps(s[p] / total);
-          const T* vr = vp + (sp[row * P + p] * Hkv + head) * D;
-          for (int64_t j = 0; j < D; j += 8)
-            _mm256_storeu_ps(out + j, _mm256_fmadd_ps(w, load8(vr + j), _mm256_loadu_ps(out + j)));
+        for (int64_t j = 0; j < D; j += 8) {
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t e = 0; e < n_live; e++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[e]),
+                                  load8(vp + (sp[row * P + live[e]] * Hkv + head) * D + j), acc);
+          _mm256_storeu_ps(out + j, acc);
         }
         lp[i * G + g] = top + std::log(total);
       }

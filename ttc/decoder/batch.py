@@ -154,8 +154,9 @@ class GenerationBatch:
         logits = torch.stack([s.logits for s in batch])
         batch_params = [r.params[i] for r, i in slots]
         uniforms = [s.rng.uniform() if p.temperature > 0 else 0.0 for s, p in zip(batch, batch_params)]
-        tokens, logprobs = sample(logits, batch_params, uniforms)
-        confidences = token_confidence(logits, engine.confidence_k)  # read-only: the draw above is untouched
+        lse = torch.logsumexp(logits, dim=-1)  # (B,): the logprobs' and the confidences' normalizer, computed once
+        tokens, logprobs = sample(logits, batch_params, uniforms, lse)
+        confidences = token_confidence(logits, engine.confidence_k, lse)  # read-only: the draw above is untouched
         still: dict[int, list[int]] = {id(r): [] for r in self.requests}
         for (r, i), s, t, lp, c in zip(slots, batch, tokens.tolist(), logprobs.tolist(), confidences.tolist()):
             s.token_ids.append(t)

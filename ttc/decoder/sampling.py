@@ -50,7 +50,7 @@ class BranchRng:
         return self._rng.random()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]):
+def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float], lse: torch.Tensor | None = None):
     """logits (B, V) float32 -> (tokens (B,) long, logprobs (B,) float32).
 
     An adapter over `ttc.kernels.sample` (the PyTorch reference on CPU tensors, the Triton kernel on
@@ -59,23 +59,27 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     float64, so that "greedy" and "top-p < 1" are decided on the caller's exact values, min-p and the
     uniforms as float32, the precision of the arithmetic. The logprob reported is the token's under
     the model's own distribution (temperature 1, no filtering), the quantity verifiers and
-    likelihood weights need.
+    likelihood weights need. lse: torch.logsumexp(logits, -1) where the caller has it (GenerationBatch shares
+    it with `token_confidence`: one pass over (B, V) instead of two).
     """
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
     if all(p.temperature == 0 for p in params):  # greedy batches skip building the parameter tensors
         tokens = logits.argmax(dim=-1)
-        return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        return tokens, logits.gather(1, tokens[:, None])[:, 0] - lse
     f32, f64 = torch.float32, torch.float64
     return kernels.sample(logits, torch.tensor([p.temperature for p in params], dtype=f64),
                           torch.tensor([p.top_k for p in params], dtype=torch.long),
                           torch.tensor([p.top_p for p in params], dtype=f64),
-                          torch.tensor([p.min_p for p in params], dtype=f32), torch.tensor(uniforms, dtype=f32))
+                          torch.tensor([p.min_p for p in params], dtype=f32), torch.tensor(uniforms, dtype=f32), lse)
 
 
-def token_confidence(logits: torch.Tensor, k: int) -> torch.Tensor:
+def token_confidence(logits: torch.Tensor, k: int, lse: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) -> (B,) float32: each row's token confidence as DeepConf defines it (Fu et al., 2025), minus
     the mean of the k largest logprobs, under the model's own distribution (temperature 1, no filtering, as the
     reported logprobs). -mean(top_k(logits) - lse) = lse - mean(top_k(logits)): one logsumexp and one top-k
-    over the logits the sampler already has, no (B, V) log-softmax. High when the mass sits on a few tokens."""
+    over the logits the sampler already has, no (B, V) log-softmax (lse: that logsumexp, if the caller has it).
+    High when the mass sits on a few tokens."""
     logits = logits.float()
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).values  # (B, k)
-    return torch.logsumexp(logits, dim=-1) - top.mean(dim=-1)
+    return (torch.logsumexp(logits, dim=-1) if lse is None else lse) - top.mean(dim=-1)
