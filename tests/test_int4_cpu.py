@@ -233,11 +233,12 @@ def test_paged_attention_equals_gathered_keys_through_the_reference_softmax_incl
 
 
 @pytest.mark.parametrize("scale", [0.5, 4.0])  # score spreads of tens, and of hundreds (weights underflow to 0)
-def test_paged_attention_keeps_float32_accuracy_over_wide_score_ranges_and_long_rows(scale):
+@pytest.mark.parametrize("G", [3, 12])  # query heads per KV head: compiled (1-8), and any
+def test_paged_attention_keeps_float32_accuracy_over_wide_score_ranges_and_long_rows(scale, G):
     from ttc.kernels.attention import _partial_reference
 
     gen = torch.Generator().manual_seed(7)
-    S, Hkv, G, D, b, P = 300, 2, 3, 64, 2, 257  # P not a multiple of the 8-wide exp
+    S, Hkv, D, b, P = 300, 2, 64, 2, 257  # P not a multiple of the 8 keys scored at a time
     k_cache, v_cache = torch.randn(S, Hkv, D, generator=gen), torch.randn(S, Hkv, D, generator=gen)
     q = torch.randn(b, Hkv, G, D, generator=gen)
     slots = torch.randint(0, S, (b, P), generator=gen)
@@ -245,8 +246,10 @@ def test_paged_attention_keeps_float32_accuracy_over_wide_score_ranges_and_long_
     o, lse = int4_cpu.paged_partial(q, k_cache, v_cache, slots, bias, scale)
     k, v = k_cache[slots].permute(0, 2, 1, 3), v_cache[slots].permute(0, 2, 1, 3)
     o_ref, lse_ref = _partial_reference(q, k, v, bias, scale)
-    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, lse_ref, rtol=1e-6, atol=1e-5)
+    # scores of |s| ~ 100 carry ~1e-5 of rounding in either dot-product order, which exp passes on to each weight
+    tol = 1e-5 if scale < 1 else 1e-4
+    torch.testing.assert_close(o, o_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-6, atol=tol)
 
 
 def test_cascade_decode_with_the_in_place_private_part_equals_the_naive_twin():

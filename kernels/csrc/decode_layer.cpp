@@ -142,51 +142,98 @@ inline __m256 exp_nonpositive8(__m256 x) {
 // 8-wide FMAs, exp is `exp_nonpositive8`: the rounding is not the flash kernel's (tests compare them within
 // float32 error).
 // A row with no valid key gets (0, -inf), as the reference defines it.
+// The sums of 8 vectors' lanes: lane e of the result is the sum of a[e]'s 8 lanes (a tree of horizontal adds).
+inline __m256 hsum8x8(const __m256 a[8]) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [0-3 low halves | 0-3 high], [4-7 ...]
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// One (row, KV head): its G query heads against the row's P keys. GT: G known when compiled (1-8), so the G
+// output accumulators stay in registers and each value row is read once for all of them; 0: any G, one head
+// at a time. Scores 8 keys at a time (`hsum8x8`), exp 8 at a time, sums in key order.
+template <int GT, typename T, typename Bias>
+inline void paged_attention_head(const T* qr, const T* kp, const T* vp, const int64_t* slots, const Bias* bias,
+                                 float* out, float* lse, int64_t Hkv, int64_t head, int64_t G, int64_t D,
+                                 int64_t P, int64_t P8, float scale, float* scores) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t p0 = 0; p0 < P8; p0 += 8) {
+    alignas(32) float bias8[8];
+    for (int e = 0; e < 8; e++) bias8[e] = p0 + e < P ? static_cast<float>(bias[p0 + e]) : neg_inf;
+    const __m256 bias_v = _mm256_load_ps(bias8), scale_v = _mm256_set1_ps(scale);
+    for (int64_t g = 0; g < G; g++) {
+      __m256 part[8];
+      for (int e = 0; e < 8; e++) {
+        part[e] = _mm256_setzero_ps();
+        if (bias8[e] == neg_inf) continue;  // padding, or past P
+        const T* kr = kp + (slots[p0 + e] * Hkv + head) * D;
+        for (int64_t j = 0; j < D; j += 8) part[e] = _mm256_fmadd_ps(load8(qr + g * D + j), load8(kr + j), part[e]);
+      }
+      _mm256_storeu_ps(scores + g * P8 + p0, _mm256_add_ps(_mm256_mul_ps(hsum8x8(part), scale_v), bias_v));
+    }
+  }
+  for (int64_t g = 0; g < G; g++) {  // softmax weights, in place of the scores
+    float* s = scores + g * P8;
+    float top = neg_inf;
+    for (int64_t p = 0; p < P; p++) top = std::max(top, s[p]);
+    if (top == neg_inf) { lse[g] = neg_inf; std::fill(s, s + P8, 0.f); continue; }  // no valid key: o is 0
+    const __m256 topv = _mm256_set1_ps(top);
+    for (int64_t p = 0; p < P8; p += 8)
+      _mm256_storeu_ps(s + p, exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + p), topv)));
+    float total = 0.f;
+    for (int64_t p = 0; p < P; p++) total += s[p];  // in key order
+    for (int64_t p = 0; p < P; p++) s[p] = s[p] / total;
+    lse[g] = top + std::log(total);
+  }
+  // o[g] = sum over valid keys, in key order, of weight * v: 8 dims at a time in registers
+  for (int64_t j = 0; j < D; j += 8) {
+    if (GT) {
+      __m256 acc[GT > 0 ? GT : 1];
+      for (int g = 0; g < GT; g++) acc[g] = _mm256_setzero_ps();
+      for (int64_t p = 0; p < P; p++) {
+        if (static_cast<float>(bias[p]) == neg_inf) continue;
+        const __m256 v = load8(vp + (slots[p] * Hkv + head) * D + j);
+        for (int g = 0; g < GT; g++) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * P8 + p]), v, acc[g]);
+      }
+      for (int g = 0; g < GT; g++) _mm256_storeu_ps(out + g * D + j, acc[g]);
+    } else {
+      for (int64_t g = 0; g < G; g++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t p = 0; p < P; p++) {
+          if (static_cast<float>(bias[p]) == neg_inf) continue;
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * P8 + p]), load8(vp + (slots[p] * Hkv + head) * D + j), acc);
+        }
+        _mm256_storeu_ps(out + g * D + j, acc);
+      }
+    }
+  }
+}
+
 template <typename T, typename Bias>
 void paged_attention_rows(const T* qp, const T* kp, const T* vp, const int64_t* sp, const Bias* bp, float* op,
                           float* lp, int64_t b, int64_t Hkv, int64_t G, int64_t D, int64_t P, float scale) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t work = std::max<int64_t>(1, P * G * D);
-  const int64_t P8 = (P + 7) / 8 * 8;  // scores padded to whole vectors (the padding's exp is never read)
+  const int64_t P8 = (P + 7) / 8 * 8;  // scores padded to whole vectors
   at::parallel_for(0, b * Hkv, std::max<int64_t>(1, 65536 / work), [&](int64_t i0, int64_t i1) {  // small: inline
-    std::vector<float> scores(G * P8, neg_inf), weights(P);
-    std::vector<int64_t> live(P);
+    std::vector<float> scores(G * P8);
     for (int64_t i = i0; i < i1; i++) {
       const int64_t row = i / Hkv, head = i % Hkv;
-      const T* qr = qp + i * G * D;
-      for (int64_t p = 0; p < P; p++) {
-        const float bias_p = static_cast<float>(bp[row * P + p]);
-        const T* kr = kp + (sp[row * P + p] * Hkv + head) * D;
-        for (int64_t g = 0; g < G; g++) {
-          if (bias_p == neg_inf) { scores[g * P8 + p] = neg_inf; continue; }
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t j = 0; j < D; j += 8) acc = _mm256_fmadd_ps(load8(qr + g * D + j), load8(kr + j), acc);
-          scores[g * P8 + p] = hsum(acc) * scale + bias_p;
-        }
-      }
-      for (int64_t g = 0; g < G; g++) {
-        float* s = scores.data() + g * P8;
-        float top = neg_inf;
-        for (int64_t p = 0; p < P; p++) top = std::max(top, s[p]);
-        if (top == neg_inf) { lp[i * G + g] = neg_inf; continue; }  // no valid key: o stays 0
-        const __m256 topv = _mm256_set1_ps(top);
-        for (int64_t p = 0; p < P8; p += 8)
-          _mm256_storeu_ps(s + p, exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + p), topv)));
-        float total = 0.f;
-        for (int64_t p = 0; p < P; p++) total += s[p];  // in key order, as before
-        int64_t n_live = 0;  // the keys with a nonzero weight, and their weights
-        for (int64_t p = 0; p < P; p++)
-          if (s[p] != 0.f) live[n_live] = p, weights[n_live++] = s[p] / total;
-        // o = sum of weight * v over the live keys in key order, 8 dims at a time in a register
-        float* out = op + (i * G + g) * D;
-        for (int64_t j = 0; j < D; j += 8) {
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t e = 0; e < n_live; e++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[e]),
-                                  load8(vp + (sp[row * P + live[e]] * Hkv + head) * D + j), acc);
-          _mm256_storeu_ps(out + j, acc);
-        }
-        lp[i * G + g] = top + std::log(total);
+      auto run = [&](auto g_known) {
+        paged_attention_head<decltype(g_known)::value>(qp + i * G * D, kp, vp, sp + row * P, bp + row * P,
+                                                        op + i * G * D, lp + i * G, Hkv, head, G, D, P, P8, scale,
+                                                        scores.data());
+      };
+      switch (G) {  // GQA's usual group sizes compiled, so their accumulators stay in registers
+        case 1: run(std::integral_constant<int, 1>{}); break;
+        case 2: run(std::integral_constant<int, 2>{}); break;
+        case 3: run(std::integral_constant<int, 3>{}); break;
+        case 4: run(std::integral_constant<int, 4>{}); break;
+        case 5: run(std::integral_constant<int, 5>{}); break;
+        case 6: run(std::integral_constant<int, 6>{}); break;
+        case 7: run(std::integral_constant<int, 7>{}); break;
+        case 8: run(std::integral_constant<int, 8>{}); break;
+        default: run(std::integral_constant<int, 0>{}); break;
       }
     }
   });
@@ -215,7 +262,7 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(const torch::Tensor& q,
   const int64_t* sp = sc.data_ptr<int64_t>();
   for (int64_t i = 0; i < b * P; i++) TORCH_CHECK(sp[i] >= 0 && sp[i] < S, "paged_attention: a slot is outside the cache");
   auto f32 = q.options().dtype(torch::kFloat32);
-  auto o = torch::zeros({b, Hkv, G, D}, f32);
+  auto o = torch::empty({b, Hkv, G, D}, f32);  // every entry written
   auto lse = torch::empty({b, Hkv, G}, f32);
   // the bias in the plan's dtype (the model's) or float32: read as it is, not converted once per layer
   const float scale_f = static_cast<float>(scale);
