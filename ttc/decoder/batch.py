@@ -54,6 +54,24 @@ class Request:
         return self.completions is not None or self.error is not None
 
 
+def stacked_logits(seqs) -> torch.Tensor:
+    """The sequences' logits rows as one (B, V) tensor: a view of the forward's own (T, V) output when the rows lie
+    one after another in its storage in this order (every plain decode step), else a stacked copy. Why: at 64
+    rows the copy is 12.6 MB a step (~1.2 ms here); the sampler and the confidence only read it. (Storage, not
+    `_base`: under inference mode a row carries no `_base`.)"""
+    rows = [s.logits for s in seqs]
+    first = rows[0]
+    if first.dim() == 1 and first.stride(0) == 1:
+        row_bytes = first.shape[0] * first.element_size()
+        storage = first.untyped_storage()
+        if (storage.nbytes() >= first.storage_offset() * first.element_size() + len(rows) * row_bytes
+                and all(r.dtype == first.dtype and r.shape == first.shape and r.stride(0) == 1
+                        and r.untyped_storage().data_ptr() == storage.data_ptr()
+                        and r.data_ptr() == first.data_ptr() + i * row_bytes for i, r in enumerate(rows))):
+            return first.as_strided((len(rows), first.shape[0]), (first.shape[0], 1))
+    return torch.stack(rows)
+
+
 class GenerationBatch:
     def __init__(self, engine):
         self.engine = engine
@@ -151,7 +169,7 @@ class GenerationBatch:
         slots = [(r, i) for r in self.requests for i in r.active]
         batch = [r.seqs[i] for r, i in slots]
         engine.forward([s for s in batch if s.logits is None])
-        logits = torch.stack([s.logits for s in batch])
+        logits = stacked_logits(batch)
         batch_params = [r.params[i] for r, i in slots]
         uniforms = [s.rng.uniform() if p.temperature > 0 else 0.0 for s, p in zip(batch, batch_params)]
         lse = torch.logsumexp(logits, dim=-1)  # (B,): the logprobs' and the confidences' normalizer, computed once
