@@ -322,13 +322,13 @@ class Int4Linear:
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (N, K) float32 (a full dequantization per read)."""
-        if self.w4a8:  # the same, from the column blocks
-            d, m = int4_cpu.w4a8_unpack_scales(self.d), int4_cpu.w4a8_unpack_scales(self.m)
-            return (int4_cpu.w4a8_unpack_codes(self.nibbles).float().unflatten(1, (-1, int4_cpu.GROUP))
-                    * d.float()[..., None] + m.float()[..., None]).flatten(1)
-        if self.d is not None:  # q * d + m, the float32 kernel's weight
-            return (_unpack_nibbles(self.nibbles).float().unflatten(1, (-1, int4_cpu.GROUP)) * self.d[..., None]
-                    + self.m[..., None]).flatten(1)
+        if self.d is not None:  # q * d + m, the float32 kernel's weight (W4A8's: read from its column blocks)
+            if self.w4a8:
+                q, d, m = (int4_cpu.w4a8_unpack_codes(self.nibbles), int4_cpu.w4a8_unpack_scales(self.d),
+                           int4_cpu.w4a8_unpack_scales(self.m))
+            else:
+                q, d, m = _unpack_nibbles(self.nibbles), self.d, self.m
+            return (q.float().unflatten(1, (-1, int4_cpu.GROUP)) * d.float()[..., None] + m.float()[..., None]).flatten(1)
         return int4_dequantize(self.nibbles, self.scales_and_zeros)[:, : self.in_features]
 
     def parts(self):
@@ -366,8 +366,9 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, 
         if mode == "w4a8" and not int4_cpu.w4a8_available():
             raise ValueError("w4a8 needs ttc's CPU kernels with AVX512-VNNI (this CPU or build lacks them); use int4")
         if mode == "w4a8" and not lin.use_w4a8_kernel(exact_dm):
-            # a shape ttc's kernels refuse (K not a multiple of 32, a padded group; the float32 int4 kernel refuses
-            # it too): this linear runs its float32 reference, and the model's layers run eager (FusedLayer.build_all)
+            # a shape ttc's kernels refuse (K not a multiple of 32, a padded group, N not a multiple of W4A8's
+            # 16-output blocks): this linear runs its float32 reference, and the model's layers run eager
+            # (FusedLayer.build_all)
             log.warning("w4a8: a %s linear runs its float32 reference (a shape the kernel refuses)",
                         tuple(weight.shape))
         if mode == "int4" and activations == torch.float32:  # where it cannot, float32 activations run the reference

@@ -133,6 +133,14 @@ inline __m256 exp_nonpositive8(__m256 x) {
   return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(two_n)));
 }
 
+// The sums of 8 vectors' lanes: lane e of the result is the sum of a[e]'s 8 lanes (a tree of horizontal adds).
+inline __m256 hsum8x8(const __m256 a[8]) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [0-3 low halves | 0-3 high], [4-7 ...]
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 // --- decode attention straight from the paged pool (the same models) ------------------------------------------
 // q (b, Hkv, G, D) float32 or bfloat16 (the caches' dtype): one query row per sequence, grouped by KV head;
 // slots (b, P) each row's pool slots; bias (b, P) float32 or bfloat16: 0 or -inf (padding). Returns the
@@ -142,17 +150,28 @@ inline __m256 exp_nonpositive8(__m256 x) {
 // 8-wide FMAs, exp is `exp_nonpositive8`: the rounding is not the flash kernel's (tests compare them within
 // float32 error).
 // A row with no valid key gets (0, -inf), as the reference defines it.
-// The sums of 8 vectors' lanes: lane e of the result is the sum of a[e]'s 8 lanes (a tree of horizontal adds).
-inline __m256 hsum8x8(const __m256 a[8]) {
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [0-3 low halves | 0-3 high], [4-7 ...]
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+
+// out[g] = sum over the valid keys, in key order, of weight[g] * v, for GN query heads at once (weights: scores,
+// G rows of P8): 8 dims at a time in GN registers, so each value row is read once for all of them.
+template <int GN, typename T, typename Bias>
+inline void weighted_values(const T* vp, const int64_t* slots, const Bias* bias, const float* weights, float* out,
+                            int64_t Hkv, int64_t head, int64_t D, int64_t P, int64_t P8) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < D; j += 8) {
+    __m256 acc[GN];
+    for (int g = 0; g < GN; g++) acc[g] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+      if (static_cast<float>(bias[p]) == neg_inf) continue;
+      const __m256 v = load8(vp + (slots[p] * Hkv + head) * D + j);
+      for (int g = 0; g < GN; g++) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(weights[g * P8 + p]), v, acc[g]);
+    }
+    for (int g = 0; g < GN; g++) _mm256_storeu_ps(out + g * D + j, acc[g]);
+  }
 }
 
 // One (row, KV head): its G query heads against the row's P keys. GT: G known when compiled (1-8), so the G
-// output accumulators stay in registers and each value row is read once for all of them; 0: any G, one head
-// at a time. Scores 8 keys at a time (`hsum8x8`), exp 8 at a time, sums in key order.
+// output accumulators stay in registers and each value row is read once for all of them (`weighted_values`);
+// 0: any G, one head at a time. Scores 8 keys at a time (`hsum8x8`), exp 8 at a time, sums in key order.
 template <int GT, typename T, typename Bias>
 inline void paged_attention_head(const T* qr, const T* kp, const T* vp, const int64_t* slots, const Bias* bias,
                                  float* out, float* lse, int64_t Hkv, int64_t head, int64_t G, int64_t D,
@@ -186,27 +205,10 @@ inline void paged_attention_head(const T* qr, const T* kp, const T* vp, const in
     for (int64_t p = 0; p < P; p++) s[p] = s[p] / total;
     lse[g] = top + std::log(total);
   }
-  // o[g] = sum over valid keys, in key order, of weight * v: 8 dims at a time in registers
-  for (int64_t j = 0; j < D; j += 8) {
-    if (GT) {
-      __m256 acc[GT > 0 ? GT : 1];
-      for (int g = 0; g < GT; g++) acc[g] = _mm256_setzero_ps();
-      for (int64_t p = 0; p < P; p++) {
-        if (static_cast<float>(bias[p]) == neg_inf) continue;
-        const __m256 v = load8(vp + (slots[p] * Hkv + head) * D + j);
-        for (int g = 0; g < GT; g++) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * P8 + p]), v, acc[g]);
-      }
-      for (int g = 0; g < GT; g++) _mm256_storeu_ps(out + g * D + j, acc[g]);
-    } else {
-      for (int64_t g = 0; g < G; g++) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t p = 0; p < P; p++) {
-          if (static_cast<float>(bias[p]) == neg_inf) continue;
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * P8 + p]), load8(vp + (slots[p] * Hkv + head) * D + j), acc);
-        }
-        _mm256_storeu_ps(out + g * D + j, acc);
-      }
-    }
+  if constexpr (GT > 0) {
+    weighted_values<GT>(vp, slots, bias, scores, out, Hkv, head, D, P, P8);
+  } else {
+    for (int64_t g = 0; g < G; g++) weighted_values<1>(vp, slots, bias, scores + g * P8, out + g * D, Hkv, head, D, P, P8);
   }
 }
 

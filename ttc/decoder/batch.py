@@ -62,12 +62,12 @@ def stacked_logits(seqs) -> torch.Tensor:
     rows = [s.logits for s in seqs]
     first = rows[0]
     if first.dim() == 1 and first.stride(0) == 1:
+        # one storage (each row lies inside it, so the view does too), rows back to back in order
         row_bytes = first.shape[0] * first.element_size()
-        storage = first.untyped_storage()
-        if (storage.nbytes() >= first.storage_offset() * first.element_size() + len(rows) * row_bytes
-                and all(r.dtype == first.dtype and r.shape == first.shape and r.stride(0) == 1
-                        and r.untyped_storage().data_ptr() == storage.data_ptr()
-                        and r.data_ptr() == first.data_ptr() + i * row_bytes for i, r in enumerate(rows))):
+        storage = first.untyped_storage().data_ptr()
+        if all(r.dtype == first.dtype and r.shape == first.shape and r.stride(0) == 1
+               and r.untyped_storage().data_ptr() == storage
+               and r.data_ptr() == first.data_ptr() + i * row_bytes for i, r in enumerate(rows)):
             return first.as_strided((len(rows), first.shape[0]), (first.shape[0], 1))
     return torch.stack(rows)
 

@@ -144,7 +144,7 @@ class Engine:
         decode = all(n == 1 for n in counts)
         if decode:
             attn = plan_decode([s.kv.blocks for s in seqs], [s.kv.num_tokens + 1 for s in seqs], bs,
-                               min_shared_tokens=getattr(self.model, "min_shared_tokens", 16), dtype=self.model.dtype,
+                               min_shared_tokens=self.model.min_shared_tokens, dtype=self.model.dtype,
                                workspace=self.attention_workspace)
         else:
             attn, row = [], 0

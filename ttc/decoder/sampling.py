@@ -62,11 +62,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     likelihood weights need. lse: torch.logsumexp(logits, -1) where the caller has it (GenerationBatch shares
     it with `token_confidence`: one pass over (B, V) instead of two).
     """
-    if lse is None:
-        lse = torch.logsumexp(logits, dim=-1)
     if all(p.temperature == 0 for p in params):  # greedy batches skip building the parameter tensors
         tokens = logits.argmax(dim=-1)
-        return tokens, logits.gather(1, tokens[:, None])[:, 0] - lse
+        return tokens, logits.gather(1, tokens[:, None])[:, 0] - (torch.logsumexp(logits, dim=-1) if lse is None else lse)
     f32, f64 = torch.float32, torch.float64
     return kernels.sample(logits, torch.tensor([p.temperature for p in params], dtype=f64),
                           torch.tensor([p.top_k for p in params], dtype=torch.long),
