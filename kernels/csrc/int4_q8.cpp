@@ -45,7 +45,7 @@
 namespace {
 
 constexpr int64_t COLS = 16;       // output columns per block: one per 32-bit lane of a 512-bit register
-constexpr int ROWS = 8;            // rows of x per pass over a block on the VNNI path (8 float accumulators)
+constexpr int ROWS = 8;            // rows of x per pass over a block (8 float accumulators)
 constexpr int64_t PREFETCH_GROUPS = 16;  // codes prefetched this many (block, group)s ahead (int4_cpu.h says why)
 
 struct QuantizedRows {  // x (T, K) rounded: codes q (T, K) in x's order; per (row, group) d, d * sum q, 128 * sum q
