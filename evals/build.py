@@ -394,7 +394,10 @@ def build_run(cfg: dict, dataset: Dataset, done: dict, names: dict, shard=None) 
     if engine is not None and verifier is not None:
         _share_verifier_engine(verifier, engine)
     allocator, pool, table_cost = build_allocation(cfg, model, dataset, done, verifier, shard)
-    costs = {"probe": training_cost(verifier), "difficulty_table": table_cost}
+    probe_cost = training_cost(verifier)
+    if probe_cost is None and hasattr(strategy, "training_cost"):  # a strategy scoring with its own probe (panel)
+        probe_cost = strategy.training_cost(getattr(model, "name", ""))
+    costs = {"probe": probe_cost, "difficulty_table": table_cost}
     # Every run starts with a cold prefix cache, so that its compute does not depend on which jobs of
     # a sweep (or which probe training) ran before it in this process.
     clear = getattr(getattr(model, "engine", None), "clear_prefix_cache", None)

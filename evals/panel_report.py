@@ -3,6 +3,11 @@ AUC, and its accuracy at fewer samples (the first k of each problem's n), agains
 
     python -m ttc.evals.panel_report runs/panel/chain_sum --greedy runs/greedy/chain_sum --plot curve.png
     python -m ttc.evals.panel_report RUN... --ks 1,2,4,8,16 --selectors self_consistency,probe_vote --markdown
+    python -m ttc.evals.panel_report RUN --probe old=old.pt     # another probe, scored on the saved features
+
+`--probe NAME=FILE` adds the selectors NAME and NAME_vote: a probe file's probabilities on the features the run
+saved (strategy.features_dir, RUN/features unless --features says where), so two probes are compared on the
+same samples; its own tokens are the run's probe tokens (the same suffix: the two probes' feature specs must match).
 
 Tokens per problem for a selector at k samples: the prompt's prefill (once), the first k samples' generated
 tokens, and the selector's own tokens (self_eval's questions, the probe's suffix) for those k; the panel's
@@ -14,6 +19,7 @@ problems with both correct and wrong samples: what choosing among one problem's 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -22,10 +28,10 @@ from scipy import stats
 
 from ttc.budget import Ledger
 from ttc.evals.results import RESULTS, ResultsFile
-from ttc.search.panel import choose
-from ttc.verifiers.probe import roc_auc
+from ttc.search.panel import choose, feature_file_name
+from ttc.verifiers.probe import FORMAT_VERSION, LogisticProbe, roc_auc
 
-__all__ = ["load_panel", "selector_rows", "wilson", "paired_difference", "main"]
+__all__ = ["load_panel", "rescore_probe", "selector_rows", "wilson", "paired_difference", "main"]
 
 DEFAULT_SHOWN = ("self_consistency", "confidence_lowest", "confidence_tail", "rpc", "self_eval", "probe_vote")
 
@@ -44,6 +50,30 @@ def load_panel(folder: str | Path) -> list[dict]:
     return [r for r in records if r.get("candidates")]
 
 
+def rescore_probe(records: list[dict], name: str, probe_file: str | Path, features: str | Path) -> None:
+    """Adds `name`'s score to every candidate of `records` (in place): the probe file's probability on the
+    features the panel saved for it, and its own tokens (the panel's probe tokens: the same suffix). The
+    recorded picks are dropped, so every selector's choice is recomputed by the panel's rule."""
+    state = torch.load(probe_file, map_location="cpu", weights_only=True)
+    if state.get("format") != FORMAT_VERSION:
+        raise SystemExit(f"{probe_file}: not a ttc probe (format {state.get('format')!r})")
+    probe = LogisticProbe(state["weights"], state["bias"], state["mean"], state["std"])
+    for r in records:
+        path = Path(features) / feature_file_name(r["id"])
+        if not path.is_file():
+            raise SystemExit(f"{path}: no saved features for problem {r['id']} (run the panel with strategy.features_dir)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if dict(saved["spec"]) != dict(state["feature"]):
+            raise SystemExit(f"{probe_file} reads other features than {path} holds (suffix or model differ)")
+        if len(saved["features"]) != len(r["candidates"]):
+            raise SystemExit(f"{path}: {len(saved['features'])} feature rows for {len(r['candidates'])} samples")
+        for c, p in zip(r["candidates"], probe.predict(saved["features"]).tolist()):
+            c["scores"][name] = p
+            c.pop("chosen_by", None)
+        own = (r.setdefault("details", {})).setdefault("selector_tokens", {})
+        own[name] = own.get("probe", 0)
+
+
 def _own_tokens(record: dict, selector: str, k: int) -> float:
     """The selector's own verifier tokens for the first k of the record's samples."""
     base = selector.removesuffix("_vote")
@@ -54,7 +84,7 @@ def _own_tokens(record: dict, selector: str, k: int) -> float:
 def _picks(record: dict, k: int) -> dict[str, int | None]:
     """Every selector's choice among the record's first k samples (the panel's own rule, recomputed)."""
     cands = record["candidates"][:k]
-    if k == len(record["candidates"]):
+    if k == len(record["candidates"]) and all("chosen_by" in c for c in cands):
         return {name: i for i, c in enumerate(cands) for name in c.get("chosen_by", [])} | {
             name: None for name in (record.get("details") or {}).get("selectors", [])
             if not any(name in c.get("chosen_by", []) for c in cands)}
@@ -130,8 +160,7 @@ def _greedy(folder: str | None, ids: set[str] | None = None) -> dict | None:
             "by_id": {r["id"]: bool(r.get("correct")) for r in records}}
 
 
-def report(folder: str, ks: list[int], greedy: dict | None, shown: list[str]) -> str:
-    records = load_panel(folder)
+def report(folder: str, records: list[dict], ks: list[int], greedy: dict | None, shown: list[str]) -> str:
     n = min(len(r["candidates"]) for r in records)
     ks = [k for k in ks if k <= n] or [n]
     full = selector_rows(records, n)
@@ -155,6 +184,10 @@ def report(folder: str, ks: list[int], greedy: dict | None, shown: list[str]) ->
     c, m = pass_at(records, n)
     lines.append(f"| pass@{n} (an oracle picks) | {c / m:.1%} | | | {full['self_consistency']['tokens']:.0f} | | | |")
     lines.append(f"\nAUC of exp(mean logprob): pooled {_fmt(auc['probability'], 0)}, within {_fmt(auc['probability'], 1)}")
+    trained = _training_tokens(folder)
+    if trained:
+        lines.append(f"Training the run's probe cost {trained} computed tokens, once (not in the table): "
+                     f"{trained / len(records):.0f} per problem if charged to these {len(records)} problems alone")
     lines += ["", "| selector | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     curves = {k: selector_rows(records, k) for k in ks}
     for name in [s for s in shown if s in full] + ["pass@k"]:
@@ -170,6 +203,14 @@ def report(folder: str, ks: list[int], greedy: dict | None, shown: list[str]) ->
     return "\n".join(lines)
 
 
+def _training_tokens(folder: str) -> int:
+    """The computed tokens training the run's learned parts cost (summary.json's training: the probe's file)."""
+    path = Path(folder) / "summary.json"
+    if not path.is_file():
+        return 0
+    return int((json.loads(path.read_text()).get("training") or {}).get("total_tokens") or 0)
+
+
 def _diff(a: dict[str, bool], b: dict[str, bool]) -> str:
     mean, lo, hi = paired_difference(a, b)
     return "" if math.isnan(mean) else f"{mean:+.0%} ({lo:+.0%} to {hi:+.0%})"
@@ -179,14 +220,14 @@ def _fmt(pair, i: int) -> str:
     return "" if pair is None or math.isnan(pair[i]) else f"{pair[i]:.2f}"
 
 
-def plot_curves(folder: str, ks: list[int], greedy: dict | None, shown: list[str], out: str) -> None:
+def plot_curves(folder: str, records: list[dict], ks: list[int], greedy: dict | None, shown: list[str],
+                out: str) -> None:
     """Accuracy against tokens per problem, one line per shown selector, 95% Wilson intervals as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = load_panel(folder)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     curves = {k: selector_rows(records, k) for k in ks}
     for name in shown:
@@ -223,15 +264,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", default="1,2,4,8,16")
     parser.add_argument("--selectors", default=",".join(DEFAULT_SHOWN))
     parser.add_argument("--plot", help="a PNG of the first run's curves")
+    parser.add_argument("--probe", action="append", default=[], metavar="NAME=FILE",
+                        help="score the saved features with another probe file, as selectors NAME and NAME_vote")
+    parser.add_argument("--features", help="where the run saved its features (default RUN/features); one run only")
     args = parser.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     shown = args.selectors.split(",")
-    greedy = [_greedy(g, {r["id"] for r in load_panel(run)}) for g, run in zip(args.greedy, args.runs)]
+    if args.probe and args.features and len(args.runs) > 1:
+        parser.error("--features names one run's folder; give one run")
+    runs = {}
+    for folder in args.runs:
+        runs[folder] = load_panel(folder)
+        for spec in args.probe:
+            name, sep, file = spec.partition("=")
+            if not sep or not name or not file:
+                parser.error(f"--probe {spec!r}: expected NAME=FILE")
+            rescore_probe(runs[folder], name, file, args.features or Path(folder) / "features")
+            shown += [s for s in (name, f"{name}_vote") if s not in shown]
+    greedy = [_greedy(g, {r["id"] for r in runs[run]}) for g, run in zip(args.greedy, args.runs)]
     greedy += [None] * len(args.runs)
     for folder, g in zip(args.runs, greedy):
-        print(report(folder, ks, g, shown), "\n")
+        print(report(folder, runs[folder], ks, g, shown), "\n")
     if args.plot:
-        plot_curves(args.runs[0], ks, greedy[0], shown, args.plot)
+        plot_curves(args.runs[0], runs[args.runs[0]], ks, greedy[0], shown, args.plot)
         print(f"plot: {args.plot}")
     return 0
 

@@ -33,10 +33,12 @@ from pathlib import Path
 
 import torch
 
+from ttc.budget import Ledger
 from ttc.graph import Meter, Problem
 from ttc.result import Result, Tree
 from ttc.search.common import finish, sample_solutions
 from ttc.verifiers.confidence import FORMS, trace_confidence
+from ttc.verifiers.math import group_equivalent
 from ttc.verifiers.probe import ProbeVerifier, shipped_probe_path
 from ttc.verifiers.rpc import path_probability, rpc_select
 from ttc.verifiers.self_eval import SelfEvalVerifier
@@ -63,6 +65,15 @@ class Panel:
             raise ValueError("panel needs n >= 1 samples")
         self._verifiers_built: tuple[ProbeVerifier, dict[str, SelfEvalVerifier]] | None = None
         self._lock = threading.Lock()  # concurrent problems (threads) build the verifiers once, together
+
+    def training_cost(self, model_name: str) -> Ledger | None:
+        """What training the probe this panel scores with cost (its file's metadata: the rollouts that made its
+        rows), None without a probe file: the eval reports it with the run (training.json), as for verifier=probe."""
+        path = self.probe_path or shipped_probe_path(model_name)
+        if path is None:
+            return None
+        fields = (torch.load(path, map_location="cpu", weights_only=True).get("metadata") or {}).get("ledger")
+        return Ledger.from_record(fields) if fields else None
 
     def _verifiers(self, backend) -> tuple[ProbeVerifier, dict[str, SelfEvalVerifier]]:
         """Built once per run, on the first problem's backend (every problem shares the model)."""
@@ -125,10 +136,11 @@ def choose(answers: list[str | None], probabilities: list[float], scores: dict[s
     """Each selector's chosen sample (None: no sample states an answer, for the votes). keys: what makes two
     paths the same path for perplexity consistency (their texts, or hashes of them)."""
     picks: dict[str, int | None] = {}
+    groups = group_equivalent(answers)  # once for every vote below: math-verify's comparisons are the slow part
 
     def best_of_group(weights: list[float]) -> int | None:
         weights = [w if w > 0 and w != float("inf") else 0.0 for w in weights]  # an empty trace's -inf: no weight
-        return heaviest_group_best(answers, weights)
+        return heaviest_group_best(answers, weights, groups)
 
     picks["self_consistency"] = best_of_group([1.0] * len(answers))
     for name in VOTE_SELECTORS[1:]:
@@ -137,8 +149,8 @@ def choose(answers: list[str | None], probabilities: list[float], scores: dict[s
         if not name.startswith("confidence_"):
             picks[name] = max(range(len(answers)), key=lambda i: scores[name][i])
             picks[f"{name}_vote"] = best_of_group(scores[name])
-    picks["rpc"] = rpc_select(answers, probabilities, keys=keys, prune=True).winner
-    picks["pc"] = rpc_select(answers, probabilities, keys=keys, prune=False).winner
+    picks["rpc"] = rpc_select(answers, probabilities, keys=keys, prune=True, groups=groups).winner
+    picks["pc"] = rpc_select(answers, probabilities, keys=keys, prune=False, groups=groups).winner
     return picks
 
 

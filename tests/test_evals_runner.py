@@ -194,7 +194,7 @@ def test_an_experiment_swapped_to_gsm8k_leaves_no_key_the_gsm8k_loader_cannot_ta
 def test_the_scaling_experiments_keep_their_reported_problems_on_the_chain_sum_dataset_config():
     for experiment in ("scaling", "scaling_greedy"):
         dataset = eval_config(f"experiment={experiment}")["dataset"]
-        assert (dataset["task"], dataset["seed"], dataset["size"], dataset["limit"]) == ("chain_sum", 2026, 100, 50)
+        assert (dataset["task"], dataset["seed"], dataset["size"], dataset["limit"]) == ("chain_sum", 2026, 100, None)
         assert dataset["options"] == {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 
 

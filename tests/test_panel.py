@@ -12,11 +12,11 @@ import torch
 from ttc.backends.local import LocalProposer
 from ttc.budget import Budget
 from ttc.evals.fit_probe import main as fit_probe_main
-from ttc.evals.panel_report import _picks, selector_rows, wilson
+from ttc.evals.panel_report import _picks, rescore_probe, selector_rows, wilson
 from ttc.graph import Meter, Problem
 from ttc.search.panel import Panel, choose, feature_file_name
 from ttc.search.rpc import RPC
-from ttc.verifiers.probe import ProbeVerifier
+from ttc.verifiers.probe import FORMAT_VERSION, ProbeVerifier
 from ttc.verifiers.vote import vote
 
 PROBLEM = Problem(id="p/0", prompt=[{"role": "user", "content": "Pick a letter."}])
@@ -112,6 +112,38 @@ def test_a_probe_fitted_from_panel_features_loads_and_scores_as_verifier_probe(t
     proposer.release([root, *branches])
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
 
+
+def test_another_probe_rescores_a_panels_saved_features_and_its_picks_are_recomputed(tmp_path):
+    spec = {"suffix_text": " Correct?", "suffix_ids": [1, 2], "use_mean": False, "hidden_size": 2}
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 3.0]])  # the probe below reads the second feature only
+    torch.save({"id": "q/1", "features": x.half(), "spec": spec}, tmp_path / feature_file_name("q/1"))
+    probe = tmp_path / "other.pt"
+    torch.save({"format": FORMAT_VERSION, "weights": torch.tensor([0.0, 1.0]), "bias": 0.0,
+                "mean": torch.zeros(2), "std": torch.ones(2), "feature": spec, "model": "m"}, probe)
+    record = {"id": "q/1", "prefill_tokens": 4, "details": {"selector_tokens": {"probe": 6}},
+              "candidates": [{"answer": a, "score": 0.5, "tokens": 10, "text_key": str(i), "correct": a == "8",
+                              "chosen_by": ["self_consistency"] if i == 0 else [],
+                              "scores": {f"confidence_{f}": 1.0 for f in ("mean", "group", "lowest", "tail")}}
+                             for i, a in enumerate(["7", "8", "8"])]}
+    rescore_probe([record], "other", probe, tmp_path)
+    assert [c["scores"]["other"] for c in record["candidates"]] == pytest.approx(
+        torch.sigmoid(torch.tensor([0.0, 1.0, 3.0])).tolist())
+    assert record["details"]["selector_tokens"]["other"] == 6  # the panel's probe suffix, the same tokens
+    picks = _picks(record, 3)  # every pick recomputed: the recorded self_consistency mark was dropped
+    assert picks["other"] == 2 and picks["other_vote"] == 2 and picks["self_consistency"] == 1
+    spec_other = {**spec, "suffix_ids": [1, 2, 3]}
+    torch.save({"format": FORMAT_VERSION, "weights": torch.zeros(2), "bias": 0.0, "mean": torch.zeros(2),
+                "std": torch.ones(2), "feature": spec_other, "model": "m"}, probe)
+    with pytest.raises(SystemExit, match="reads other features"):
+        rescore_probe([record], "other", probe, tmp_path)
+
+def test_a_panels_training_cost_is_its_probe_files_recorded_ledger(tmp_path):
+    probe = tmp_path / "p.pt"
+    torch.save({"format": FORMAT_VERSION, "metadata": {"ledger": {"prefill_tokens": 3, "generated_tokens": 40,
+                                                                   "verifier_tokens": 8}}}, probe)
+    cost = Panel(probe_path=str(probe)).training_cost("any")
+    assert (cost.prefill_tokens, cost.generated_tokens, cost.verifier_tokens) == (3, 40, 8)
+    assert Panel().training_cost("no-such-model") is None  # no shipped probe: nothing trained, nothing charged
 
 
 @pytest.mark.parametrize("limits, shared, lengths", [

@@ -106,16 +106,17 @@ def prune_low_probability(probabilities: Sequence[float]) -> tuple[list[bool], W
 
 
 def perplexity_consistency(answers: Sequence[str | None], probabilities: Sequence[float],
-                           keys: Sequence[Hashable] | None = None) -> Vote:
+                           keys: Sequence[Hashable] | None = None, groups: Sequence[int] | None = None) -> Vote:
     """A vote in which each answer group totals the probabilities of its distinct paths: a path whose key (its
-    text) was seen before weighs 0. Unanswered paths are in no group."""
+    text) was seen before weighs 0. Unanswered paths are in no group. groups: the answers' equivalence groups
+    when the caller has them (ttc.verifiers.vote.vote)."""
     seen: set = set()
     weights = []
     for i, p in enumerate(probabilities):
         key = keys[i] if keys is not None else i
         weights.append(0.0 if key in seen else float(p))
         seen.add(key)
-    return vote(list(answers), weights)
+    return vote(list(answers), weights, None if groups is None else list(groups))
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,16 @@ class RPCChoice:
 
 
 def rpc_select(answers: Sequence[str | None], probabilities: Sequence[float],
-               keys: Sequence[Hashable] | None = None, prune: bool = True) -> RPCChoice:
-    """Reasoning Pruning (with `prune`), then Perplexity Consistency over the paths that remain."""
+               keys: Sequence[Hashable] | None = None, prune: bool = True,
+               groups: Sequence[int] | None = None) -> RPCChoice:
+    """Reasoning Pruning (with `prune`), then Perplexity Consistency over the paths that remain. groups: the
+    answers' equivalence groups (ttc.verifiers.math.group_equivalent) when the caller has them; any numbering
+    of the same partition chooses the same path."""
     keep, mixture = prune_low_probability(probabilities) if prune else ([True] * len(answers), None)
     kept = [i for i, k in enumerate(keep) if k]
     v = perplexity_consistency([answers[i] for i in kept], [probabilities[i] for i in kept],
-                               None if keys is None else [keys[i] for i in kept])
+                               None if keys is None else [keys[i] for i in kept],
+                               None if groups is None else [groups[i] for i in kept])
     if v.winner is None:
         return RPCChoice(None, keep, None, mixture)
     group = v.groups[v.winner]

@@ -20,10 +20,11 @@ class Vote:
         return ranked[0] - (ranked[1] if len(ranked) > 1 else 0.0) if ranked else 0.0
 
 
-def vote(answers: list[str | None], weights: list[float] | None = None) -> Vote:
-    """Majority (or weighted) vote; ties go to the group whose first member came first."""
+def vote(answers: list[str | None], weights: list[float] | None = None, groups: list[int] | None = None) -> Vote:
+    """Majority (or weighted) vote; ties go to the group whose first member came first. groups: the answers'
+    `group_equivalent`, when the caller votes on the same answers several times (it is the slow part)."""
     weights = weights if weights is not None else [1.0] * len(answers)
-    groups = group_equivalent(answers)
+    groups = group_equivalent(answers) if groups is None else groups
     totals: dict[int, float] = {}
     counts: dict[int, int] = {}
     first: dict[int, int] = {}
@@ -39,10 +40,12 @@ def vote(answers: list[str | None], weights: list[float] | None = None) -> Vote:
     return Vote(first[best], groups, totals, counts)
 
 
-def heaviest_group_best(answers: list[str | None], weights: list[float]) -> int | None:
+def heaviest_group_best(answers: list[str | None], weights: list[float],
+                        groups: list[int] | None = None) -> int | None:
     """The highest-weighted member of the answer group with the largest summed weight (ties: the first); None
-    when no answer is stated. A weighted best-of-n's choice (ttc.search.best_of_n, the selector panel)."""
-    v = vote(answers, weights)
+    when no answer is stated. A weighted best-of-n's choice (ttc.search.best_of_n, the selector panel).
+    groups: as for `vote`."""
+    v = vote(answers, weights, groups)
     if v.winner is None:
         return None
     members = [i for i, g in enumerate(v.groups) if g == v.groups[v.winner]]
