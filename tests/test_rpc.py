@@ -83,6 +83,14 @@ def test_a_path_sampled_twice_counts_once_in_perplexity_consistency():
     assert perplexity_consistency(answers, probabilities).winner == 0  # three distinct paths: "3" holds 1.0
 
 
+@pytest.mark.parametrize("prune", [True, False])
+def test_groups_computed_once_by_the_caller_choose_what_rpc_groups_itself(prune):
+    answers, probabilities = ["1", "1", "1", "2", "3", "1", "2"], [0.3, 0.31, 0.35, 0.9, 0.85, 0.33, 0.32]
+    renumbered = [7, 7, 7, 4, 9, 7, 4]  # the same partition as group_equivalent's [0, 0, 0, 1, 2, 0, 1]
+    assert (rpc_select(answers, probabilities, prune=prune, groups=renumbered).winner
+            == rpc_select(answers, probabilities, prune=prune).winner)
+
+
 def test_answers_are_grouped_by_equivalence_and_the_groups_best_path_is_chosen():
     choice = rpc_select(["0.5", "1/2", "2"], [0.3, 0.35, 0.5], prune=False)
     assert choice.winner == 1 and choice.share == pytest.approx(0.65 / 1.15)
