@@ -27,9 +27,10 @@ import torch
 from scipy import stats
 
 from ttc.budget import Ledger
-from ttc.evals.results import RESULTS, ResultsFile
+from ttc.evals.plot import training_tokens
+from ttc.evals.results import RESULTS, SUMMARY, ResultsFile
 from ttc.search.panel import choose, feature_file_name
-from ttc.verifiers.probe import FORMAT_VERSION, LogisticProbe, roc_auc
+from ttc.verifiers.probe import LogisticProbe, load_probe_file, roc_auc
 
 __all__ = ["load_panel", "rescore_probe", "selector_rows", "wilson", "paired_difference", "main"]
 
@@ -54,10 +55,11 @@ def rescore_probe(records: list[dict], name: str, probe_file: str | Path, featur
     """Adds `name`'s score to every candidate of `records` (in place): the probe file's probability on the
     features the panel saved for it, and its own tokens (the panel's probe tokens: the same suffix). The
     recorded picks are dropped, so every selector's choice is recomputed by the panel's rule."""
-    state = torch.load(probe_file, map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT_VERSION:
-        raise SystemExit(f"{probe_file}: not a ttc probe (format {state.get('format')!r})")
-    probe = LogisticProbe(state["weights"], state["bias"], state["mean"], state["std"])
+    try:
+        state = load_probe_file(probe_file)
+    except (ValueError, OSError) as e:  # not a probe, or no such file: one line
+        raise SystemExit(str(e)) from None
+    probe = LogisticProbe.from_state(state)
     for r in records:
         path = Path(features) / feature_file_name(r["id"])
         if not path.is_file():
@@ -205,10 +207,8 @@ def report(folder: str, records: list[dict], ks: list[int], greedy: dict | None,
 
 def _training_tokens(folder: str) -> int:
     """The computed tokens training the run's learned parts cost (summary.json's training: the probe's file)."""
-    path = Path(folder) / "summary.json"
-    if not path.is_file():
-        return 0
-    return int((json.loads(path.read_text()).get("training") or {}).get("total_tokens") or 0)
+    path = Path(folder) / SUMMARY
+    return training_tokens(json.loads(path.read_text())) if path.is_file() else 0
 
 
 def _diff(a: dict[str, bool], b: dict[str, bool]) -> str:

@@ -39,7 +39,7 @@ from ttc.result import Result, Tree
 from ttc.search.common import finish, sample_solutions
 from ttc.verifiers.confidence import FORMS, trace_confidence
 from ttc.verifiers.math import group_equivalent
-from ttc.verifiers.probe import ProbeVerifier, shipped_probe_path
+from ttc.verifiers.probe import ProbeVerifier, load_probe_file, shipped_probe_path
 from ttc.verifiers.rpc import path_probability, rpc_select
 from ttc.verifiers.self_eval import SelfEvalVerifier
 from ttc.verifiers.vote import heaviest_group_best
@@ -72,7 +72,7 @@ class Panel:
         path = self.probe_path or shipped_probe_path(model_name)
         if path is None:
             return None
-        fields = (torch.load(path, map_location="cpu", weights_only=True).get("metadata") or {}).get("ledger")
+        fields = (load_probe_file(path).get("metadata") or {}).get("ledger")
         return Ledger.from_record(fields) if fields else None
 
     def _verifiers(self, backend) -> tuple[ProbeVerifier, dict[str, SelfEvalVerifier]]:

@@ -136,6 +136,10 @@ def test_another_probe_rescores_a_panels_saved_features_and_its_picks_are_recomp
                 "std": torch.ones(2), "feature": spec_other, "model": "m"}, probe)
     with pytest.raises(SystemExit, match="reads other features"):
         rescore_probe([record], "other", probe, tmp_path)
+    (tmp_path / "notes.pt").write_text("not a probe")
+    with pytest.raises(SystemExit, match="notes.pt is not a ttc probe"):
+        rescore_probe([record], "other", tmp_path / "notes.pt", tmp_path)
+
 
 def test_a_panels_training_cost_is_its_probe_files_recorded_ledger(tmp_path):
     probe = tmp_path / "p.pt"

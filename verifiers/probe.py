@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import pickle
 import random
 import re
 import warnings
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from ttc.graph import HIDDEN_STATES, Branch, Meter, as_problem, backend_of, require
 from ttc.verifiers.self_eval import DEFAULT_QUESTION, PLAIN_TEMPLATE, judge_suffix_text, uses_chat
 
-__all__ = ["ProbeVerifier", "LogisticProbe", "fit_logistic", "fit_rows", "probe_metrics", "roc_auc", "shipped_probe_path",
-           "SHIPPED_PROBES"]
+__all__ = ["ProbeVerifier", "LogisticProbe", "fit_logistic", "fit_rows", "load_probe_file", "probe_metrics", "roc_auc",
+           "shipped_probe_path", "SHIPPED_PROBES"]
 
 log = logging.getLogger(__name__)
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -38,6 +39,18 @@ FORMAT_VERSION = 1
 # Probes trained for the models ttc ships (package data): <model name>.pt, e.g. smollm2-135m.pt. How each was
 # trained, its held-out AUC and its training cost are in its metadata; docs/results.md has the command.
 SHIPPED_PROBES = Path(__file__).parent / "probes"
+
+
+def load_probe_file(path: str | Path) -> dict:
+    """A saved probe's state (weights, feature spec, metadata), refused with one line if it is not a ttc probe."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not a torch file, or cut short
+        raise ValueError(f"{path} is not a ttc probe (torch.load could not read it: {type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a ttc probe (format {found!r})")
+    return state
 
 
 def shipped_probe_path(model_name: str) -> Path | None:
@@ -56,6 +69,11 @@ class LogisticProbe:
     def __init__(self, weight: torch.Tensor, bias: float, mean: torch.Tensor, std: torch.Tensor):
         self.weight, self.bias = weight.double(), float(bias)  # (F,)
         self.mean, self.std = mean.double(), std.double()  # (F,)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "LogisticProbe":
+        """The classifier of a saved probe (`load_probe_file`)."""
+        return cls(state["weights"], state["bias"], state["mean"], state["std"])
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities (N,) for features (N, F)."""
@@ -170,8 +188,7 @@ class ProbeVerifier:
         self.probe: LogisticProbe | None = None
         self.metadata: dict = {}
         if path is not None:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            self._set_state(state, path)
+            self._set_state(load_probe_file(path), path)
         else:
             text = judge_suffix_text(self.tokenizer, question, template, uses_chat(self.tokenizer, chat))
             self.spec = {"suffix_text": text, "suffix_ids": self.tokenizer.encode(text, add_special_tokens=False),
@@ -223,8 +240,7 @@ class ProbeVerifier:
         torch.save(self.state_dict(), path)
 
     def _set_state(self, state: dict, where: str = "the state") -> None:
-        if state.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{where} is not a ttc probe (format {state.get('format')!r})")
+        """state: a `load_probe_file` (its format checked there)."""
         spec = dict(state["feature"])
         if spec["hidden_size"] != self.backend.hidden_size:
             raise ValueError(f"{where} was trained on hidden size {spec['hidden_size']} ({state['model']}); this "
@@ -232,7 +248,7 @@ class ProbeVerifier:
         if state["model"] != self.backend.name:
             warnings.warn(f"{where} was trained on {state['model']!r}, not {self.backend.name!r}", stacklevel=3)
         self.spec = spec
-        self.probe = LogisticProbe(state["weights"], state["bias"], state["mean"], state["std"])
+        self.probe = LogisticProbe.from_state(state)
         self.metadata = dict(state.get("metadata", {}))
 
     # -- training ----------------------------------------------------------------------------------
