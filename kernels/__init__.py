@@ -5,7 +5,7 @@ reference, which is also the CPU fast path. `reference()` forces the references 
 
 | fast path | reference (CPU, oracle) | Triton twin (CUDA) |
 | --- | --- | --- |
-| decode attention over shared prefixes | `attention.decode_attention` | `attention_triton.decode_attention` |
+| decode attention over shared prefixes | `attention.decode_attention` | `attention_triton.decode_attention`; in a CUDA graph `decode_attention_static` (the same kernels over a fixed-capacity table, `static_work_table`) |
 | prefill attention (causal, cached prefix) | `attention.prefill_attention` (SDPA, masked) | none; CPU: `attention.prefill_attention_flash_cpu` |
 | RMSNorm (+ residual add) | `norm.rms_norm_reference` | `norm_triton.rms_norm` |
 | rotary embedding (in place on request) | `rotary.apply_rotary_reference` | `rotary_triton.apply_rotary` |
@@ -22,7 +22,8 @@ Sampling has one PyTorch implementation: the engine's sampler (`ttc.decoder.samp
 adapter over `sample` below, so a seed draws the same token on CPU and CUDA (up to float32 rounding
 at a boundary; see `sampling_triton`).
 The Triton modules are imported on the first CUDA call, never on a CPU-only path, so `import ttc`
-does not pay for Triton and a test can set TRITON_INTERPRET before the kernels are compiled.
+does not pay for Triton and a test can set TRITON_INTERPRET before the kernels are compiled;
+`triton_on_cpu()` then sends CPU tensors through them (the tests' way to run the CUDA hot path).
 """
 
 if __name__ == "kernels":

@@ -20,11 +20,11 @@ def time_ms(fn, device: str, reps: int = 10) -> float:
     return (time.perf_counter() - t) / reps * 1e3
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth(device: str | torch.device = "cuda") -> float:
     """Achievable device memory bandwidth in bytes/s, from a 1 GiB device-to-device copy (read + write)."""
     import triton
 
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / (ms * 1e-3)

@@ -80,11 +80,22 @@ class DecodePlan:
     # buckets' concatenated outputs back in row order (None with one bucket)
     private_buckets: tuple[PrivateBucket, ...] = ()
     bucket_unsort: torch.Tensor | None = None
+    # a plan on a device keeps its CPU twin: what host-side planning reads (the Triton work table), so no step
+    # copies the plan back from the device
+    host: "DecodePlan | None" = field(default=None, compare=False, repr=False)
+
+    def to(self, device: torch.device | str) -> "DecodePlan":
+        """This plan with its tensors on `device` (itself on the CPU or where it already is)."""
+        device = torch.device(device)
+        here = self.private_slots.device
+        if device.type == here.type and (device.index is None or device.index == here.index):
+            return self
+        return _plan_to(self.host or self, device)
 
 
 def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: int,
                 max_segments: int = 8, min_shared_tokens: int = 16, dtype: torch.dtype = torch.float32,
-                workspace: GatherWorkspace | None = None) -> DecodePlan:
+                workspace: GatherWorkspace | None = None, device: torch.device | str = "cpu") -> DecodePlan:
     """Group full blocks by the exact set of rows that use them.
 
     A block used by two or more rows becomes part of that row-set's shared segment; everything else
@@ -92,6 +103,8 @@ def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: i
     gathered per row. Folding a segment into the private part is always correct, only slower, so the
     caps bound the per-layer op count on wide, shallow trees. Only the grouping walks blocks in
     Python; per-token slot arithmetic is vectorized (B * context tokens would be too slow in a loop).
+    The plan is built on the CPU and, for another `device`, moved there in one copy per dtype (`plan.host`
+    keeps the CPU plan).
     """
     B = len(block_tables)
     users: dict[int, list[int]] = {}
@@ -136,7 +149,37 @@ def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: i
     private_bias = torch.zeros(B, 1, 1, p_max, dtype=dtype).masked_fill_(
         (torch.arange(p_max)[None, :] >= counts[:, None])[:, None, None, :], NEG_INF)
     buckets, unsort = _bucket_private(private_slots, private_bias, counts)
-    return DecodePlan(tuple(segments), private_slots, private_bias, all_slots, all_bias, workspace, buckets, unsort)
+    plan = DecodePlan(tuple(segments), private_slots, private_bias, all_slots, all_bias, workspace, buckets, unsort)
+    return plan.to(device)
+
+
+def _plan_to(plan: DecodePlan, device: torch.device) -> DecodePlan:
+    """The plan with every tensor on `device`: one host-to-device copy per dtype (index and bias tensors), not
+    one per tensor (a plan holds ~10-30), then views into the copies."""
+    tensors: list[torch.Tensor] = []
+
+    def take(t):
+        if t is None:
+            return None
+        tensors.append(t)
+        return len(tensors) - 1
+
+    segs = [(take(s.rows), take(s.slots)) for s in plan.segments]
+    buckets = [(take(b.rows), take(b.slots), take(b.bias)) for b in plan.private_buckets]
+    fields = [take(t) for t in (plan.private_slots, plan.private_bias, plan.all_slots, plan.all_bias, plan.bucket_unsort)]
+    moved: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype in {t.dtype for t in tensors}:
+        ids = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in ids]).to(device)
+        for i, part in zip(ids, torch.split(flat, [tensors[i].numel() for i in ids])):
+            moved[i] = part.view(tensors[i].shape)
+
+    def get(i):
+        return None if i is None else moved[i]
+
+    return DecodePlan(tuple(SharedSegment(get(r), get(sl)) for r, sl in segs), *(get(i) for i in fields[:4]),
+                      plan.workspace, tuple(PrivateBucket(get(r), get(sl), get(b)) for r, sl, b in buckets),
+                      get(fields[4]), host=plan)
 
 
 def _bucket_private(private_slots: torch.Tensor, private_bias: torch.Tensor, counts: torch.Tensor,
@@ -355,7 +398,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k = k_cache.index_select(0, s.slots).transpose(0, 1)  # (Hkv, Tk, D)
         v = v_cache.index_select(0, s.slots).transpose(0, 1)
         # query i sits at context position tk - tq + i and sees keys up to it
-        mask = torch.arange(tk)[None, :] <= (torch.arange(tq)[:, None] + (tk - tq))
+        mask = torch.arange(tk, device=q.device)[None, :] <= (torch.arange(tq, device=q.device)[:, None] + (tk - tq))
         o = torch.nn.functional.scaled_dot_product_attention(
             qs, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
         out[s.q_start:s.q_end] = o.transpose(0, 1)

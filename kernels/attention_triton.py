@@ -18,7 +18,9 @@ state (o, lse) per (item, row, q head); stage 2 merges each row's partial states
 Limits: bfloat16/float16/float32; head_dim a multiple of 16 is fastest (others are padded). A group
 wider than one tile (block_m // G rows, 21 for SmolLM2) is split into row chunks, each reading the
 shared slots again (from L2 after the first). The table is built on the CPU (a few small torch ops
-per step, like `plan_decode` itself) and copied to the device once per step.
+per step, like `plan_decode` itself) and copied to the device once per step. The stage-1 programs
+read the item count from the device and stride over the items, so a CUDA graph captures one fixed grid
+over a `StaticWorkTable` (fixed-capacity buffers refilled in place: `decode_attention_static`).
 On CPU tensors the kernels run only under Triton's interpreter (TRITON_INTERPRET=1, set before this
 module is imported). Triton 3.9's interpreter gets bfloat16 `tl.dot` wrong and truncates float32 ->
 bfloat16 casts, so there (INTERPRETED) operands are upcast to float32 and casts round explicitly;
@@ -38,6 +40,8 @@ from ._triton_util import cast_rtne
 from .attention import DecodePlan
 
 LOG2E = 1.4426950408889634
+BLOCK_M = 64  # queries per shared item's tile (rows * G, a power of two)
+CHUNK = 256  # slots per item: one long context becomes several items (flash-decoding)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -48,7 +52,8 @@ class WorkTable:
     """Items are rows of (row_start, n_rows, slot_start, n_slots, part_start) into `rows` and `slots`.
 
     Partial state number part_start + i belongs to query row rows[row_start + i].
-    Row b's partial states are part_ids[part_ptr[b]:part_ptr[b + 1]].
+    Row b's partial states are part_ids[part_ptr[b]:part_ptr[b + 1]]. The kernels read how many items there are
+    from `counts` (on the device), not from the launch grid, so a CUDA graph's fixed grid serves any step.
     """
 
     shared_items: torch.Tensor  # (Ns, 5) int32: items over shared segments, several rows each
@@ -57,6 +62,7 @@ class WorkTable:
     slots: torch.Tensor  # (S,) int32 pool slots
     part_ptr: torch.Tensor  # (B + 1,) int32
     part_ids: torch.Tensor  # (P,) int32
+    counts: torch.Tensor  # (2,) int32: [Ns, Np], what the kernels read
     num_parts: int
     max_item_rows: int  # most rows in one shared item: sets the tile height of the shared launch
 
@@ -65,15 +71,21 @@ def _items(row_start: torch.Tensor, n_rows: torch.Tensor, slot_start: torch.Tens
     return torch.stack([row_start, n_rows, slot_start, n_slots, torch.zeros_like(n_rows)], 1)
 
 
-def build_work_table(plan: DecodePlan, rows_per_item: int, chunk: int, device: torch.device) -> WorkTable:
-    """Split every shared segment into (row chunk x slot chunk) items and every row's private slots
-    into slot chunks; number the partial states; index them by row."""
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def host_work_table(plan: DecodePlan, rows_per_item: int, chunk: int) -> dict[str, torch.Tensor]:
+    """The work table's pieces on the CPU (int64): split every shared segment into (row chunk x slot chunk)
+    items and every row's private slots into slot chunks; number the partial states; index them by row.
+    A plan on the device is read through its host twin (`plan.host`), so no step copies it back."""
+    plan = plan.host if plan.host is not None else plan
     B = plan.private_slots.shape[0]
     rows, slots, shared = [], [], []
     n_rows_total = n_slots_total = 0
     for seg in plan.segments:
-        seg_rows = torch.arange(B) if seg.rows is None else seg.rows.cpu()
-        seg_slots = seg.slots.cpu()
+        seg_rows = torch.arange(B) if seg.rows is None else _host(seg.rows)
+        seg_slots = _host(seg.slots)
         n, t = seg_rows.numel(), seg_slots.numel()
         r0 = torch.arange(0, n, rows_per_item)  # row chunk starts
         s0 = torch.arange(0, t, chunk)  # slot chunk starts
@@ -85,7 +97,7 @@ def build_work_table(plan: DecodePlan, rows_per_item: int, chunk: int, device: t
         n_rows_total += n
         n_slots_total += t
 
-    valid = plan.private_bias[:, 0, 0, :].cpu() == 0  # (B, P)
+    valid = _host(plan.private_bias)[:, 0, 0, :] == 0  # (B, P)
     counts = valid.sum(1)
     n_chunks = -(-counts // chunk)  # a row with no private slot gets no item
     row_of = torch.arange(B).repeat_interleave(n_chunks)
@@ -95,7 +107,7 @@ def build_work_table(plan: DecodePlan, rows_per_item: int, chunk: int, device: t
     private = _items(n_rows_total + row_of, torch.ones_like(row_of),
                      n_slots_total + offs[row_of] + k * chunk, (counts[row_of] - k * chunk).clamp(max=chunk))
     rows.append(torch.arange(B))
-    slots.append(plan.private_slots.cpu()[valid])  # row-major: each row's slots in order
+    slots.append(_host(plan.private_slots)[valid])  # row-major: each row's slots in order
 
     items = torch.cat(shared + [private]) if shared else private
     all_rows = torch.cat(rows)
@@ -105,15 +117,73 @@ def build_work_table(plan: DecodePlan, rows_per_item: int, chunk: int, device: t
                         + torch.arange(int(items[:, 1].sum())) - part_start.repeat_interleave(items[:, 1])]
     part_ids = torch.argsort(part_row, stable=True)
     part_ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(part_row, minlength=B).cumsum(0)])
-
     n_shared = sum(s.shape[0] for s in shared)
-    pieces = [items[:n_shared].reshape(-1), items[n_shared:].reshape(-1), all_rows, torch.cat(slots), part_ptr,
-              part_ids]
+    return {"shared_items": items[:n_shared], "private_items": items[n_shared:], "rows": all_rows,
+            "slots": torch.cat(slots), "part_ptr": part_ptr, "part_ids": part_ids,
+            "counts": torch.tensor([n_shared, items.shape[0] - n_shared])}
+
+
+def build_work_table(plan: DecodePlan, rows_per_item: int, chunk: int, device: torch.device) -> WorkTable:
+    """`host_work_table`, moved to the device in one copy."""
+    host = host_work_table(plan, rows_per_item, chunk)
+    pieces = [t.reshape(-1) for t in host.values()]
     flat = torch.cat(pieces).to(torch.int32).to(device)  # one host-to-device copy
-    out = list(torch.split(flat, [p.numel() for p in pieces]))
-    max_rows = int(items[:n_shared, 1].max()) if n_shared else 0
-    return WorkTable(out[0].view(-1, 5), out[1].view(-1, 5), out[2], out[3], out[4], out[5],
-                     num_parts=part_row.numel(), max_item_rows=max_rows)
+    out = dict(zip(host, torch.split(flat, [p.numel() for p in pieces])))
+    shared = host["shared_items"]
+    return WorkTable(out["shared_items"].view(-1, 5), out["private_items"].view(-1, 5), out["rows"], out["slots"],
+                     out["part_ptr"], out["part_ids"], out["counts"], num_parts=host["part_ids"].numel(),
+                     max_item_rows=int(shared[:, 1].max()) if shared.shape[0] else 0)
+
+
+class StaticWorkTable:
+    """A work table of fixed capacity, refilled in place every step: what a captured decode step reads.
+
+    Why: a CUDA graph replays fixed launches on fixed addresses, while a step's table changes size with the
+    plan. Here every piece is a region of one device buffer (the slots, the largest, last), refilled from
+    a pinned host twin in one copy of the used prefix; the kernels run a fixed grid and loop over the items
+    `counts` names. The merge reads `part_ptr` for the bucket's rows: rows past the step's own get no parts,
+    hence zero output. `fill` refuses (returns False) a plan beyond the capacity; that step runs eager.
+    Also holds the partial-state buffers, so a replay allocates nothing.
+    """
+
+    def __init__(self, max_rows: int, num_q_heads: int, head_dim: int, rows_per_item: int, chunk: int,
+                 device: torch.device, item_capacity: int, slot_capacity: int, max_segments: int = 8):
+        self.max_rows, self.rows_per_item, self.chunk = max_rows, rows_per_item, chunk
+        # the parts are at most one per (item, row): shared items hold up to rows_per_item rows
+        self.part_capacity = item_capacity * 2
+        sizes = {"shared_items": item_capacity * 5, "private_items": item_capacity * 5,
+                 "rows": (max_segments + 1) * max_rows, "part_ptr": max_rows + 1,
+                 "part_ids": self.part_capacity, "counts": 2, "slots": slot_capacity}
+        self.offsets, total = {}, 0
+        for name, n in sizes.items():
+            self.offsets[name] = (total, n)
+            total += n
+        self.flat = torch.zeros(total, dtype=torch.int32, device=device)
+        self.staging = torch.zeros(total, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+        view = {name: self.flat[o:o + n] for name, (o, n) in self.offsets.items()}
+        self.table = WorkTable(view["shared_items"].view(-1, 5), view["private_items"].view(-1, 5), view["rows"],
+                               view["slots"], view["part_ptr"], view["part_ids"], view["counts"],
+                               num_parts=self.part_capacity, max_item_rows=rows_per_item)
+        self.o_part = torch.empty(self.part_capacity, num_q_heads, head_dim, dtype=torch.float32, device=device)
+        self.lse_part = torch.empty(self.part_capacity, num_q_heads, dtype=torch.float32, device=device)
+        self.item_capacity = item_capacity
+
+    def fill(self, plan: DecodePlan) -> bool:
+        """Write the step's table into the buffers; False (nothing written) if it exceeds the capacity."""
+        host = host_work_table(plan, self.rows_per_item, self.chunk)
+        B = host["part_ptr"].numel() - 1
+        if B > self.max_rows or any(host[n].numel() > self.offsets[n][1]
+                                    for n in ("shared_items", "private_items", "rows", "part_ids", "slots")):
+            return False
+        # rows past the step's own (up to the bucket's) end with the last part: no parts, zero output
+        host["part_ptr"] = torch.cat([host["part_ptr"], host["part_ptr"][-1:].expand(self.max_rows - B)])
+        end = 0
+        for name, t in host.items():
+            o, _ = self.offsets[name]
+            self.staging[o:o + t.numel()] = t.reshape(-1)
+            end = max(end, o + t.numel())
+        self.flat[:end].copy_(self.staging[:end])  # one host-to-device copy; the slots region is last
+        return True
 
 
 _memo: tuple = (None, None, None)  # (weakref to the plan, key, table): every layer of a step hits it
@@ -133,12 +203,25 @@ def work_table(plan: DecodePlan, rows_per_item: int, chunk: int, device: torch.d
 # Stage 1: one partial softmax state per (item, row, q head)
 
 @triton.jit
-def _partial_kernel(q_ptr, k_ptr, v_ptr, items_ptr, rows_ptr, slots_ptr, o_part_ptr, lse_part_ptr, scale_log2,
-                    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+def _partial_kernel(q_ptr, k_ptr, v_ptr, items_ptr, count_ptr, rows_ptr, slots_ptr, o_part_ptr, lse_part_ptr,
+                    scale_log2, stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                     G: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    item = tl.program_id(0)
+    # programs stride over the items: the count comes from the device, so a fixed grid (a CUDA graph's) serves
+    # any step; an eager launch has one program per item
+    n_items = tl.load(count_ptr)
     h = tl.program_id(1)  # kv head
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        _partial_item(q_ptr, k_ptr, v_ptr, items_ptr, rows_ptr, slots_ptr, o_part_ptr, lse_part_ptr, scale_log2,
+                      stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, item, h,
+                      G, HQ, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, INTERPRETED)
+
+
+@triton.jit
+def _partial_item(q_ptr, k_ptr, v_ptr, items_ptr, rows_ptr, slots_ptr, o_part_ptr, lse_part_ptr, scale_log2,
+                  stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, item, h,
+                  G: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     row_start = tl.load(items_ptr + item * 5 + 0)
     n_rows = tl.load(items_ptr + item * 5 + 1)
     slot_start = tl.load(items_ptr + item * 5 + 2)
@@ -220,19 +303,51 @@ def _merge_kernel(o_part_ptr, lse_part_ptr, part_ptr, part_ids_ptr, out_ptr, str
 # Launcher
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan, scale: float,
-                     block_m: int = 64, block_n: int = 64, chunk: int = 256) -> torch.Tensor:
+                     block_m: int = BLOCK_M, block_n: int = 64, chunk: int = CHUNK) -> torch.Tensor:
     """q (B, Hq, D); k_cache, v_cache (S, Hkv, D) -> (B, Hq, D) in q's dtype. Same contract as the reference.
 
     block_m: queries per shared item (rows * G, padded to a power of two); chunk: slots per item.
     """
     B, Hq, D = q.shape
-    Hkv = k_cache.shape[1]
-    G = Hq // Hkv
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "head dim must be contiguous"
-    block_m = triton.next_power_of_2(max(block_m, G))  # a tile holds at least one row's G query heads
+    G = Hq // k_cache.shape[1]
+    block_m = tile_rows(block_m, G)
     table = work_table(plan, block_m // G, chunk, q.device)
     o_part = torch.empty(table.num_parts, Hq, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(table.num_parts, Hq, dtype=torch.float32, device=q.device)
+    ns, np_ = table.shared_items.shape[0], table.private_items.shape[0]
+    # the widest item decides the tile height; small groups need no more than 16 queries
+    shared_m = max(16, min(block_m, triton.next_power_of_2(max(1, table.max_item_rows) * G)))
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _launch(q, k_cache, v_cache, table, o_part, lse_part, out, scale, (ns, np_), shared_m, block_n)
+    return out
+
+
+def decode_attention_static(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, static: StaticWorkTable,
+                            scale: float, programs: int = 512, block_n: int = 64) -> torch.Tensor:
+    """`decode_attention` over a `StaticWorkTable` filled for this step: a fixed grid, no allocation but the
+    output, nothing read back to the host, so a CUDA graph can capture it. q (B, Hq, D), B = the bucket's rows.
+    `programs` per kv head and launch: each strides over the items (sized for a GPU's ~100-150 SMs)."""
+    B, Hq, D = q.shape
+    G = Hq // k_cache.shape[1]
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    shared_m = tile_rows(static.rows_per_item * G, G)
+    _launch(q, k_cache, v_cache, static.table, static.o_part, static.lse_part, out, scale, (programs, programs),
+            shared_m, block_n)
+    return out
+
+
+def tile_rows(block_m: int, G: int) -> int:
+    """The shared launch's tile height: a power of two holding at least one row's G query heads."""
+    return triton.next_power_of_2(max(block_m, G))
+
+
+def _launch(q, k_cache, v_cache, table: WorkTable, o_part, lse_part, out, scale: float, grids: tuple[int, int],
+            shared_m: int, block_n: int) -> None:
+    """Stage 1 over the shared items, then the private ones (grids: programs per kv head for each), then the merge."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "head dim must be contiguous"
     block_d = max(16, triton.next_power_of_2(D))
     interpreted = q.device.type != "cuda"  # CPU tensors run only under Triton's interpreter
     # float32 products stay float32 (not tf32), so the kernel matches the fp32 reference to 1e-4
@@ -240,20 +355,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     common = dict(G=G, HQ=Hq, D=D, BLOCK_D=block_d, BLOCK_N=block_n, PRECISION=precision, INTERPRETED=interpreted)
     args = (q, k_cache, v_cache)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
-    ns, np_ = table.shared_items.shape[0], table.private_items.shape[0]
-    if ns:
-        # the widest item decides the tile height; small groups need no more than 16 queries
-        bm = max(16, min(block_m, triton.next_power_of_2(table.max_item_rows * G)))
-        _partial_kernel[(ns, Hkv)](*args, table.shared_items, table.rows, table.slots, o_part, lse_part,
-                                   scale * LOG2E, *strides, BLOCK_M=bm, **common)
-    if np_:
+    counts = table.counts
+    if grids[0]:
+        _partial_kernel[(grids[0], Hkv)](*args, table.shared_items, counts[0:], table.rows, table.slots, o_part,
+                                         lse_part, scale * LOG2E, *strides, BLOCK_M=shared_m, **common)
+    if grids[1]:
         bm = max(16, triton.next_power_of_2(G))  # one row per private item
-        _partial_kernel[(np_, Hkv)](*args, table.private_items, table.rows, table.slots, o_part, lse_part,
-                                    scale * LOG2E, *strides, BLOCK_M=bm, **common)
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+        _partial_kernel[(grids[1], Hkv)](*args, table.private_items, counts[1:], table.rows, table.slots, o_part,
+                                         lse_part, scale * LOG2E, *strides, BLOCK_M=bm, **common)
     _merge_kernel[(B, Hq)](o_part, lse_part, table.part_ptr, table.part_ids, out, out.stride(0), out.stride(1),
                            HQ=Hq, D=D, BLOCK_D=block_d, INTERPRETED=interpreted)
-    return out
 
 
 # -------------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from .sampling import sample_reference
 
 __all__ = ["DecodePlan", "GatherWorkspace", "PrefillSeq", "SharedSegment", "plan_decode", "merge_states", "decode_attention",
            "decode_attention_naive", "prefill_attention", "rms_norm", "apply_rotary", "rotary_tables", "sample", "reference",
-           "uses_triton", "has_triton"]
+           "uses_triton", "has_triton", "triton_on_cpu", "static_work_table"]
 
 _force_reference = False
+_triton_on_cpu = False
 
 
 @functools.cache
@@ -34,7 +35,24 @@ def has_triton() -> bool:
 
 
 def uses_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and not _force_reference and has_triton()
+    return (t.is_cuda or _triton_on_cpu) and not _force_reference and has_triton()
+
+
+@contextlib.contextmanager
+def triton_on_cpu():
+    """Send CPU tensors through the Triton kernels inside this block: the tests' way to run the CUDA hot path
+    (the engine's, the CUDA graph runner's) on a machine without a GPU. Needs TRITON_INTERPRET=1 set before the
+    kernel modules are imported; the interpreter is slow, so only tiny models belong here."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton_on_cpu() needs TRITON_INTERPRET=1 (set before Triton's kernels are imported)")
+    global _triton_on_cpu
+    old, _triton_on_cpu = _triton_on_cpu, True
+    try:
+        yield
+    finally:
+        _triton_on_cpu = old
 
 
 @functools.cache
@@ -53,14 +71,28 @@ def reference():
         _force_reference = old
 
 
-def decode_attention(q, k_cache, v_cache, plan: DecodePlan, scale: float, private_partial=None):
+def decode_attention(q, k_cache, v_cache, plan, scale: float, private_partial=None):
     """q (B, Hq, D); k_cache, v_cache (S, Hkv, D) -> (B, Hq, D): each shared segment read once per group.
+    plan: a DecodePlan, or a `static_work_table` filled for this step (a CUDA graph's; Triton only).
     `private_partial`: the rows' private parts read in place (`int4_cpu.paged_partial`), on the CPU path."""
+    if not isinstance(plan, DecodePlan):
+        return _triton("attention_triton").decode_attention_static(q, k_cache, v_cache, plan, scale)
     if uses_triton(q):
         return _triton("attention_triton").decode_attention(q, k_cache, v_cache, plan, scale)
     if _force_reference:
         private_partial = None
     return decode_attention_reference(q, k_cache, v_cache, plan, scale, private_partial)
+
+
+def static_work_table(max_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int, device, item_capacity: int,
+                      slot_capacity: int):
+    """Fixed-capacity decode-attention buffers that a CUDA graph reads (`attention_triton.StaticWorkTable`), with
+    the tiling `decode_attention`'s Triton path uses."""
+    module = _triton("attention_triton")
+    G = num_q_heads // num_kv_heads
+    rows_per_item = module.tile_rows(module.BLOCK_M, G) // G
+    return module.StaticWorkTable(max_rows, num_q_heads, head_dim, rows_per_item, module.CHUNK, torch.device(device),
+                                  item_capacity, slot_capacity)
 
 
 def prefill_attention(q, k_cache, v_cache, seqs, scale: float):

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ttc import kernels
 from ttc.backends.local import LocalBackend
 from ttc.budget import Ledger
 from ttc.decoder.cache import PoolExhausted, blocks_needed
@@ -130,9 +131,39 @@ class Model:
         return outs
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device a model loads on: "cpu", or "cuda" / "cuda:N" where torch sees that GPU. One-line errors."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:N)") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r}: the built-in decoder runs on cpu or cuda; for other hardware use "
+                         "a remote backend (model=remote)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'}); load with device=cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def _check_device_options(dev: torch.device, dtype, batch_invariant: bool, compile: bool) -> None:
+    if dev.type == "cpu":
+        return
+    if dtype in QUANTIZED:
+        raise ValueError(f"dtype={dtype} runs on ttc's CPU kernels; on {dev.type} use bfloat16, float16 or float32")
+    if batch_invariant or compile:
+        raise ValueError(f"{'batch_invariant' if batch_invariant else 'compile'}=true is a CPU path; on {dev.type} "
+                         "decode steps replay CUDA graphs instead (cuda_graphs=true)")
+
+
 def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache_gb: float = 2.0,
-         block_size: int = 16, prefix_caching: bool = True, device: str = "cpu", threads: int | None = None,
-         batch_invariant: bool = False, compile: bool = False) -> Model:
+         block_size: int = 16, prefix_caching: bool = True, device: str | torch.device = "cpu",
+         threads: int | None = None, batch_invariant: bool = False, compile: bool = False,
+         cuda_graphs: bool = True) -> Model:
     """Load a model: "smollm2-135m" (the embedded default), a .gguf path, or a Hugging Face folder.
 
     dtype: "float32" is the reference; "auto" picks bfloat16 where the hardware runs it fast; "int8" and "int4"
@@ -141,12 +172,16 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     file's own 4-bit blocks. "w4a8" is int4 with the activations also rounded, to int8 per group of 32, on the
     way into each linear and the int8 head (llama.cpp's Q4_1 x Q8 scheme; AVX512-VNNI CPUs only): faster,
     not the same numbers.
+    device: "cpu" or "cuda[:N]": the weights, the KV pool and every index tensor of a step live there; on CUDA
+    the Triton kernels run decode attention, norms, rotary and sampling, and with `cuda_graphs` each decode
+    step replays a CUDA graph captured for its batch-size bucket (ttc/decoder/graphs.py). Quantized dtypes,
+    batch_invariant and compile are CPU paths.
     batch_invariant: a sequence's tokens do not depend on what else shares its batch (kernels/invariant.py).
     compile: torch.compile the work between attention calls (ttc/decoder/compiled.py; eager if unavailable).
     kv_cache_gb sizes the paged KV pool (pages are only touched as they are used).
     """
-    if device != "cpu":
-        raise ValueError("the built-in decoder runs on the CPU in this release; use a remote backend for GPUs")
+    dev = resolve_device(device)
+    _check_device_options(dev, dtype, batch_invariant, compile)
     if threads:
         torch.set_num_threads(threads)
     source = resolve(spec)
@@ -154,9 +189,11 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     tokenizer = load_tokenizer(source, extra_eos=cfg.eos_token_ids)
     weights = dtype if dtype in QUANTIZED else "plain"
     q4_1 = load_gguf_q4_1(source.path) if weights in ("int4", "w4a8") and source.kind == "gguf" else None
-    model = Transformer(cfg, state, dtype=activation_dtype(dtype, weights, device),
-                        weights=weights, q4_1=q4_1, batch_invariant=batch_invariant, compile=compile)
+    model = Transformer(cfg, state, dtype=activation_dtype(dtype, weights, dev.type), weights=weights, q4_1=q4_1,
+                        batch_invariant=batch_invariant, compile=compile, device=dev)
     del state, q4_1
+    # CUDA graphs only where the step's kernels are the Triton ones (their attention reads a fixed-size table)
+    graphs = cuda_graphs and dev.type == "cuda" and kernels.uses_triton(model.embed)
     engine = Engine(model, tokenizer, kv_cache_bytes=int(kv_cache_gb * (1 << 30)), block_size=block_size,
-                    prefix_caching=prefix_caching)
+                    prefix_caching=prefix_caching, cuda_graphs=graphs)
     return Model(engine, source, name=str(spec))

@@ -175,8 +175,12 @@ class GenerationBatch:
         lse = torch.logsumexp(logits, dim=-1)  # (B,): the logprobs' and the confidences' normalizer, computed once
         tokens, logprobs = sample(logits, batch_params, uniforms, lse)
         confidences = token_confidence(logits, engine.confidence_k, lse)  # read-only: the draw above is untouched
+        # one read back to the host for the step (on a GPU each read waits for the device): float64 holds the
+        # token ids exactly and the float32 logprobs and confidences unchanged
+        drawn = torch.stack([tokens.double(), logprobs.double(), confidences.double()]).tolist()
         still: dict[int, list[int]] = {id(r): [] for r in self.requests}
-        for (r, i), s, t, lp, c in zip(slots, batch, tokens.tolist(), logprobs.tolist(), confidences.tolist()):
+        for (r, i), s, t, lp, c in zip(slots, batch, *drawn):
+            t = int(t)
             s.token_ids.append(t)
             s.logits = None
             s.ledger.charge_generated(1)

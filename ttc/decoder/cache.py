@@ -27,11 +27,14 @@ class PoolExhausted(RuntimeError):
 
 class KVPool:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", scratch_blocks: int = 0):
         if num_blocks < 1:
             raise ValueError("a KV pool needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        # scratch blocks sit past the last numbered block, never handed out: the padded rows of a captured
+        # decode step (ttc/decoder/graphs.py) write their K/V there
+        self.scratch_slot = num_blocks * block_size if scratch_blocks else None
+        shape = (num_layers, (num_blocks + scratch_blocks) * block_size, num_kv_heads, head_dim)
         # torch.empty does not touch the pages: a large pool costs memory only as blocks get used.
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)

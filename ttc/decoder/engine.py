@@ -6,6 +6,11 @@ the total (as in vLLM v1): `forward` computes every pending token of every given
 model call, `generate` alternates sampling and forwarding, `fork` shares KV, `score` runs given
 tokens without sampling (for verifiers), `release` returns blocks. Every computed and every reused
 token is charged to the sequence's Ledger.
+
+The engine runs where its model's weights are (`model.device`): the KV pool, every step's tokens, positions
+and slots, and the cascade plan are made there (built on the host, moved in one copy each). On CUDA with
+`cuda_graphs`, plain decode steps replay CUDA graphs (`graphs.DecodeGraphs`). What leaves the engine (scores,
+completions) is on the CPU; a sequence's next-token logits stay on the device.
 """
 
 from __future__ import annotations
@@ -25,19 +30,32 @@ from .sequence import CONFIDENCE_K, Completion, ConfidenceStop, ScoreResult, Seq
 from .tokenizer import Tokenizer
 
 
+def _host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A result leaving the engine: on the CPU, where verifiers and callers compute."""
+    return t if t is None or t.device.type == "cpu" else t.cpu()
+
+
 class PromptTooLong(CannotAttempt, ValueError):
     """A prompt that leaves no room in the model's context window."""
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, kv_cache_bytes: int = 2 << 30,
-                 block_size: int = 16, prefix_caching: bool = True, confidence_k: int = CONFIDENCE_K):
+                 block_size: int = 16, prefix_caching: bool = True, confidence_k: int = CONFIDENCE_K,
+                 cuda_graphs: bool = False):
         cfg = model.cfg
         self.confidence_k = confidence_k  # top-k of each drawn token's confidence (Completion.confidences)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.device = model.device
         per_block = cfg.kv_bytes_per_token(model.dtype) * block_size
         num_blocks = max(4, kv_cache_bytes // per_block)
-        self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, block_size, model.dtype)
+        self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, block_size, model.dtype,
+                           device=self.device, scratch_blocks=1 if cuda_graphs else 0)
+        self.graphs = None
+        if cuda_graphs:
+            from .graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.pool, capture=self.device.type == "cuda")
         self.prefix = PrefixCache(self.pool) if prefix_caching else None
         self.attention_workspace = GatherWorkspace()  # decode gathers write into kept buffers (see its docstring)
         self.eos_ids = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
@@ -142,20 +160,29 @@ class Engine:
             positions.extend(range(start, start + n))
             slots.extend(s.kv.slots(start, start + n, bs))
         decode = all(n == 1 for n in counts)
+        dev = self.device
+        logits = None
         if decode:
+            # planned on the host; moved to the device only for an eager step (a graph's table is refilled in place)
             attn = plan_decode([s.kv.blocks for s in seqs], [s.kv.num_tokens + 1 for s in seqs], bs,
                                min_shared_tokens=self.model.min_shared_tokens, dtype=self.model.dtype,
                                workspace=self.attention_workspace)
+            if self.graphs is not None and not hidden:
+                logits = self.graphs.run(tokens, positions, slots, attn)
+            if logits is None:
+                attn = attn.to(dev)
         else:
             attn, row = [], 0
             for s, n in zip(seqs, counts):
-                attn.append(PrefillSeq(row, row + n, torch.tensor(s.kv.slots(0, s.kv.num_tokens + n, bs))))
+                attn.append(PrefillSeq(row, row + n, torch.tensor(s.kv.slots(0, s.kv.num_tokens + n, bs), device=dev)))
                 row += n
-        ends = torch.tensor(counts).cumsum(0) - 1
-        # logits rows: one per sequence (its last token), or every token when all_logits is asked
-        rows = None if (decode or all_logits) else ends
-        logits, h = self.model(torch.tensor(tokens), torch.tensor(positions), self.pool.k, self.pool.v,
-                               torch.tensor(slots), attn, logits_rows=rows, return_hidden=hidden)
+        h = None
+        if logits is None:
+            # logits rows: one per sequence (its last token), or every token when all_logits is asked
+            rows = None if (decode or all_logits) else torch.tensor(counts, device=dev).cumsum(0) - 1
+            inputs = torch.tensor([tokens, positions, slots], device=dev)  # (3, T): one host-to-device copy
+            logits, h = self.model(inputs[0], inputs[1], self.pool.k, self.pool.v, inputs[2], attn, logits_rows=rows,
+                                   return_hidden=hidden)
         outputs = [] if (all_logits or hidden) else None
         row = 0
         for i, (s, n) in enumerate(zip(seqs, counts)):
@@ -222,14 +249,15 @@ class Engine:
                 self.extend(child, ids, charge=charge)
             if not logprobs:
                 outputs = self.forward(forks, hidden=True, cache_prefix=False)
-                return [ScoreResult(None, None, h) for _, h in outputs]
+                return [ScoreResult(None, None, _host(h)) for _, h in outputs]
             outputs = self.forward(forks, all_logits=True, hidden=hidden, cache_prefix=False)
             results = []
             for (seq, ids), child, (logits, h) in zip(items, forks, outputs):
                 # logits row j predicts token j+1; the first given token is predicted by the branch's logits
                 prev = torch.cat([seq.logits[None], logits[:-1]])  # fork() computed seq's pending tokens
-                logprobs = torch.log_softmax(prev, -1).gather(1, torch.tensor(ids)[:, None])[:, 0]
-                results.append(ScoreResult(logprobs, torch.log_softmax(logits[-1], -1), h))
+                given = torch.tensor(ids, device=prev.device)
+                logprobs = torch.log_softmax(prev, -1).gather(1, given[:, None])[:, 0]
+                results.append(ScoreResult(_host(logprobs), _host(torch.log_softmax(logits[-1], -1)), _host(h)))
             return results
         finally:
             self.release(forks)

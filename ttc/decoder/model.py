@@ -15,6 +15,10 @@ Options, each with the plain path as its twin (tests/test_decode_modes.py):
 - `compile`: the work between two attention calls (o-proj, MLP, norms, the next qkv-proj and rotary)
   runs as one torch.compile'd (inductor) function of the layer's tensors, so one graph serves every
   layer; attention and the KV writes stay eager. See `ttc/decoder/compiled.py`.
+
+`device`: where the weights and the rotary tables live (the engine puts the KV pool and every index tensor
+beside them). On CUDA with Triton (`kernels.uses_triton`), norms run fused with the residual add before them
+and rotary runs in place in the qkv output; the plain eager layer is their twin.
 """
 
 from __future__ import annotations
@@ -42,16 +46,23 @@ WEIGHT_FORMATS = ("plain", "int8", "int4", "w4a8")  # plain: the weights in the 
 class Transformer(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                  weights: str = "plain", q4_1: dict | None = None, batch_invariant: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, device: torch.device | str = "cpu"):
         super().__init__()
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+        self.device = torch.device(device)
+        if self.device.type != "cpu" and (weights != "plain" or batch_invariant or compile):
+            raise ValueError(f"on {self.device.type} the model runs plain weights only (no quantized dtype, "
+                             "batch_invariant or compile: those are CPU paths)")
         self.cfg, self.dtype, self.weights, self.batch_invariant = cfg, dtype, weights, batch_invariant
         self.scale = cfg.head_dim ** -0.5
         q4_1 = q4_1 or {}
 
         def w(name):
-            return state[name].to(dtype).contiguous()
+            return state[name].to(device=self.device, dtype=dtype).contiguous()
+
+        def norm(name):  # norms stay float32: they are tiny
+            return state[name].to(device=self.device, dtype=torch.float32)
 
         def linear(name, bias_name=None):
             bias = w(bias_name) if bias_name in state else None
@@ -82,15 +93,15 @@ class Transformer(torch.nn.Module):
                 # W4A8 on an AMX Xeon: 25.6 -> 24.8 and 88.7 -> 86.8 ms a step)
                 self.min_shared_tokens = 128
         self.lm_head = InvariantLinear(head, cfg.hidden_size, dtype) if batch_invariant else head
-        self.norm = state["norm"].float()
+        self.norm = norm("norm")
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             self.layers.append({
-                "attn_norm": state[p + "attn_norm"].float(),  # norms stay float32: they are tiny
+                "attn_norm": norm(p + "attn_norm"),
                 "qkv": linear(p + "qkv", p + "qkv_bias"),  # H -> (Hq+2Hkv)*D
                 "o": linear(p + "o"),  # Hq*D -> H
-                "mlp_norm": state[p + "mlp_norm"].float(),
+                "mlp_norm": norm(p + "mlp_norm"),
                 "gate_up": linear(p + "gate_up"),  # H -> 2*I
                 "down": linear(p + "down"),  # I -> H
             })
@@ -108,8 +119,8 @@ class Transformer(torch.nn.Module):
         # (max_position, D/2) tables; float64 angles, float32 storage
         inv = rope_inv_freq(cfg)
         angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float64), inv)
-        self.rope_cos = angles.cos().float()
-        self.rope_sin = angles.sin().float()
+        self.rope_cos = angles.cos().float().to(self.device)
+        self.rope_sin = angles.sin().float().to(self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -134,23 +145,31 @@ class Transformer(torch.nn.Module):
         T = tokens.shape[0]
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        tables = None if kernels.uses_triton(tokens) else kernels.rotary_tables(cos, sin)  # once, for all layers
-        decode = isinstance(attn, DecodePlan)
+        on_triton = kernels.uses_triton(tokens) and self.rms_norm is kernels.rms_norm
+        tables = None if on_triton else kernels.rotary_tables(cos, sin)  # once, for all layers
+        decode = not isinstance(attn, list)  # a DecodePlan, or a CUDA graph's static table (ttc/decoder/graphs.py)
         x = self.embed[tokens]  # (T, H)
         h = self.rms_norm(x, self.layers[0]["attn_norm"], cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             qkv = layer["qkv"](h)  # (T, (Hq + 2Hkv) * D)
-            qk = kernels.apply_rotary(qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin, tables=tables)
+            # Triton rotates q and k in place in the qkv output; the reference makes a rotated copy
+            qk = kernels.apply_rotary(qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin, inplace=on_triton,
+                                      tables=tables)
             q, k = qk[:, :Hq], qk[:, Hq:]
             v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
             k_cache[i].index_copy_(0, new_slots, k)
             v_cache[i].index_copy_(0, new_slots, v)
             a = self._attention(q, k_cache[i], v_cache[i], attn, decode)
+            next_norm = self.layers[i + 1]["attn_norm"] if i + 1 < len(self.layers) else self.norm
+            if on_triton:  # each residual add fused into the norm after it: (norm(x + r), x + r) in one kernel
+                h, x = kernels.rms_norm(layer["o"](a.reshape(T, Hq * D)), layer["mlp_norm"], cfg.rms_norm_eps, residual=x)
+                gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+                h, x = kernels.rms_norm(layer["down"](F.silu(gate) * up), next_norm, cfg.rms_norm_eps, residual=x)
+                continue
             x = x + layer["o"](a.reshape(T, Hq * D))
             h = self.rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
             gate, up = layer["gate_up"](h).chunk(2, dim=-1)
             x = x + layer["down"](F.silu(gate) * up)
-            next_norm = self.layers[i + 1]["attn_norm"] if i + 1 < len(self.layers) else self.norm
             h = self.rms_norm(x, next_norm, cfg.rms_norm_eps)
         return self._head(h, logits_rows, return_hidden)
 

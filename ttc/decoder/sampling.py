@@ -65,11 +65,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     if all(p.temperature == 0 for p in params):  # greedy batches skip building the parameter tensors
         tokens = logits.argmax(dim=-1)
         return tokens, logits.gather(1, tokens[:, None])[:, 0] - (torch.logsumexp(logits, dim=-1) if lse is None else lse)
-    f32, f64 = torch.float32, torch.float64
-    return kernels.sample(logits, torch.tensor([p.temperature for p in params], dtype=f64),
-                          torch.tensor([p.top_k for p in params], dtype=torch.long),
-                          torch.tensor([p.top_p for p in params], dtype=f64),
-                          torch.tensor([p.min_p for p in params], dtype=f32), torch.tensor(uniforms, dtype=f32), lse)
+    f32, f64, dev = torch.float32, torch.float64, logits.device  # the sampling state lives beside the logits
+    return kernels.sample(logits, torch.tensor([p.temperature for p in params], dtype=f64, device=dev),
+                          torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev),
+                          torch.tensor([p.top_p for p in params], dtype=f64, device=dev),
+                          torch.tensor([p.min_p for p in params], dtype=f32, device=dev),
+                          torch.tensor(uniforms, dtype=f32, device=dev), lse)
 
 
 def token_confidence(logits: torch.Tensor, k: int, lse: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     s.add_argument("--kv-cache-gb", type=float, default=2.0, help="the paged KV pool")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
+    s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the Triton kernels run the hot path on CUDA)")
+    s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs")
     s.add_argument("--max-concurrency", type=int, default=64,
                    help="requests running at once (worker threads; their decode steps share batches)")
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting; one more gets 503 + Retry-After")
@@ -50,7 +53,8 @@ def serve(args: argparse.Namespace) -> None:
     from ttc.serve.runtime import Settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = ttc.load(args.model, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb, threads=args.threads)
+    model = ttc.load(args.model, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb, threads=args.threads,
+                     device=args.device, cuda_graphs=args.cuda_graphs)
     settings = Settings(model_name=args.served_model_name or args.model, max_concurrency=args.max_concurrency,
                         max_queue=args.max_queue, kv_share=args.request_kv_share, chunk_tokens=args.chunk_tokens,
                         max_logprobs=args.max_logprobs)

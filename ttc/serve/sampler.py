@@ -148,7 +148,7 @@ def _prompt_logprobs(view, prompt: list[int], k: int, ledger: Ledger):
     for i in range(0, len(rest), REPLAY_SLICE):
         ids = rest[i:i + REPLAY_SLICE]
         (lp,) = _replay(view, [(replay, ids)])
-        own = lp.gather(1, torch.tensor(ids)[:, None])[:, 0]
+        own = lp.gather(1, torch.tensor(ids, device=lp.device)[:, None])[:, 0]
         ranks = (lp > own[:, None]).sum(-1) + 1
         tops = _top(lp, k) if k else [[] for _ in ids]
         out.extend(zip(own.tolist(), ranks.tolist(), tops))

@@ -1,0 +1,62 @@
+"""benchmarks/gpu_check.py's logic on the CPU (--smoke), as on the bare GPU machine it is made for.
+
+There the repository is a copy, not installed, and math_verify and gguf are absent: the smoke run here
+blocks both and removes the editable install's finder, so only the script's own bootstrap can import ttc.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+# Run the script as the GPU machine would see it: no math_verify, no gguf (None in sys.modules makes their import
+# fail), no installed ttc (the editable install's meta-path finder removed). Afterwards, say whether
+# ttc/__init__.py ran: the bootstrap must register a bare package instead.
+BARE_MACHINE = f"""
+import runpy, sys
+sys.modules["math_verify"] = None
+sys.modules["gguf"] = None
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.argv = [{str(SCRIPT)!r}, *sys.argv[1:]]
+try:
+    runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+finally:
+    print("ttc/__init__.py ran:", hasattr(sys.modules.get("ttc"), "__version__"), flush=True)
+"""
+
+
+def test_the_smoke_run_passes_parity_on_both_configs_without_math_verify_gguf_or_an_installed_ttc(tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-c", BARE_MACHINE, str(out), "--smoke"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ttc/__init__.py ran: False" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    sections = {s["name"]: s for s in report["sections"]}
+    assert list(sections) == ["environment", "parity", "attention", "throughput"]
+    assert all(s["status"] == "ok" for s in sections.values()), [(s["name"], s["error"]) for s in sections.values()]
+    parity = {c["name"].split(":")[0]: c["passed"] for c in sections["parity"]["checks"]}
+    assert parity == {"llama": True, "qwen2": True}
+    env = dict(sections["environment"]["tables"][0]["rows"])
+    assert Path(env["ttc imported from"]) == SCRIPT.parents[1] / "ttc"
+    throughput = sections["throughput"]["tables"][0]["rows"]
+    assert [row[2] for row in throughput] == [1, 4] and all(row[3] > 0 and row[4] > 0 for row in throughput)
+    markdown = (out / "report.md").read_text()
+    assert "check PASS: llama: float32 greedy tokens equal transformers'" in markdown
+    assert f"`python {SCRIPT} {out} --smoke`" in markdown
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_and_without_smoke_it_exits_2_with_one_line_suggesting_smoke(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "report")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "--smoke" in done.stderr, done.stderr
+    assert not (tmp_path / "report").exists()
