@@ -157,12 +157,15 @@ def _plan_to(plan: DecodePlan, device: torch.device) -> DecodePlan:
     """The plan with every tensor on `device`: one host-to-device copy per dtype (index and bias tensors), not
     one per tensor (a plan holds ~10-30), then views into the copies."""
     tensors: list[torch.Tensor] = []
+    index: dict[int, int] = {}  # a tensor the plan holds twice (one bucket's are the plan's own) moves once
 
     def take(t):
         if t is None:
             return None
-        tensors.append(t)
-        return len(tensors) - 1
+        if id(t) not in index:
+            index[id(t)] = len(tensors)
+            tensors.append(t)
+        return index[id(t)]
 
     segs = [(take(s.rows), take(s.slots)) for s in plan.segments]
     buckets = [(take(b.rows), take(b.slots), take(b.bias)) for b in plan.private_buckets]

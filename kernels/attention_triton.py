@@ -126,9 +126,11 @@ def host_work_table(plan: DecodePlan, rows_per_item: int, chunk: int) -> dict[st
 def build_work_table(plan: DecodePlan, rows_per_item: int, chunk: int, device: torch.device) -> WorkTable:
     """`host_work_table`, moved to the device in one copy."""
     host = host_work_table(plan, rows_per_item, chunk)
-    pieces = [t.reshape(-1) for t in host.values()]
+    # each piece padded to 16 bytes: the kernels' pointers then keep one alignment from step to step, so Triton
+    # (which specializes on a pointer's 16-byte alignment) does not compile a variant per step's layout
+    pieces = [torch.nn.functional.pad(t.reshape(-1), (0, -t.numel() % 4)) for t in host.values()]
     flat = torch.cat(pieces).to(torch.int32).to(device)  # one host-to-device copy
-    out = dict(zip(host, torch.split(flat, [p.numel() for p in pieces])))
+    out = {name: part[:t.numel()] for (name, t), part in zip(host.items(), torch.split(flat, [p.numel() for p in pieces]))}
     shared = host["shared_items"]
     return WorkTable(out["shared_items"].view(-1, 5), out["private_items"].view(-1, 5), out["rows"], out["slots"],
                      out["part_ptr"], out["part_ids"], out["counts"], num_parts=host["part_ids"].numel(),
@@ -147,17 +149,18 @@ class StaticWorkTable:
     """
 
     def __init__(self, max_rows: int, num_q_heads: int, head_dim: int, rows_per_item: int, chunk: int,
-                 device: torch.device, item_capacity: int, slot_capacity: int, max_segments: int = 8):
+                 device: torch.device, part_capacity: int, slot_capacity: int, max_segments: int = 8):
+        """part_capacity: partial states (one per item and row it holds; every item holds a row, so it bounds
+        the items too); a row of context c has at most ceil(c / chunk) + max_segments + 1 of them."""
         self.max_rows, self.rows_per_item, self.chunk = max_rows, rows_per_item, chunk
-        # the parts are at most one per (item, row): shared items hold up to rows_per_item rows
-        self.part_capacity = item_capacity * 2
-        sizes = {"shared_items": item_capacity * 5, "private_items": item_capacity * 5,
+        self.part_capacity = part_capacity
+        sizes = {"shared_items": part_capacity * 5, "private_items": part_capacity * 5,
                  "rows": (max_segments + 1) * max_rows, "part_ptr": max_rows + 1,
-                 "part_ids": self.part_capacity, "counts": 2, "slots": slot_capacity}
+                 "part_ids": part_capacity, "counts": 4, "slots": slot_capacity}
         self.offsets, total = {}, 0
         for name, n in sizes.items():
             self.offsets[name] = (total, n)
-            total += n
+            total += -(-n // 4) * 4  # every region starts 16-byte aligned
         self.flat = torch.zeros(total, dtype=torch.int32, device=device)
         self.staging = torch.zeros(total, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
         view = {name: self.flat[o:o + n] for name, (o, n) in self.offsets.items()}
@@ -166,10 +169,10 @@ class StaticWorkTable:
                                num_parts=self.part_capacity, max_item_rows=rows_per_item)
         self.o_part = torch.empty(self.part_capacity, num_q_heads, head_dim, dtype=torch.float32, device=device)
         self.lse_part = torch.empty(self.part_capacity, num_q_heads, dtype=torch.float32, device=device)
-        self.item_capacity = item_capacity
 
     def fill(self, plan: DecodePlan) -> bool:
-        """Write the step's table into the buffers; False (nothing written) if it exceeds the capacity."""
+        """Write the step's table into the buffers (a copy queued on the current stream: the caller makes sure
+        the previous one is done before the next `fill`); False (nothing written) if it exceeds the capacity."""
         host = host_work_table(plan, self.rows_per_item, self.chunk)
         B = host["part_ptr"].numel() - 1
         if B > self.max_rows or any(host[n].numel() > self.offsets[n][1]
@@ -182,7 +185,7 @@ class StaticWorkTable:
             o, _ = self.offsets[name]
             self.staging[o:o + t.numel()] = t.reshape(-1)
             end = max(end, o + t.numel())
-        self.flat[:end].copy_(self.staging[:end])  # one host-to-device copy; the slots region is last
+        self.flat[:end].copy_(self.staging[:end], non_blocking=True)  # one copy; the slots region is last
         return True
 
 

@@ -84,15 +84,18 @@ def decode_attention(q, k_cache, v_cache, plan, scale: float, private_partial=No
     return decode_attention_reference(q, k_cache, v_cache, plan, scale, private_partial)
 
 
-def static_work_table(max_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int, device, item_capacity: int,
-                      slot_capacity: int):
+def static_work_table(max_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int, device, max_context: int,
+                      slot_capacity: int, part_capacity: int | None = None):
     """Fixed-capacity decode-attention buffers that a CUDA graph reads (`attention_triton.StaticWorkTable`), with
-    the tiling `decode_attention`'s Triton path uses."""
+    the tiling `decode_attention`'s Triton path uses. Sized for `max_rows` rows of up to `max_context` tokens:
+    their partial states always fit (or `part_capacity` of them); a plan's slots fit up to `slot_capacity`."""
     module = _triton("attention_triton")
     G = num_q_heads // num_kv_heads
     rows_per_item = module.tile_rows(module.BLOCK_M, G) // G
+    max_segments = 8  # plan_decode's default
+    parts = part_capacity or max_rows * (-(-max_context // module.CHUNK) + max_segments + 1)
     return module.StaticWorkTable(max_rows, num_q_heads, head_dim, rows_per_item, module.CHUNK, torch.device(device),
-                                  item_capacity, slot_capacity)
+                                  parts, slot_capacity, max_segments)
 
 
 def prefill_attention(q, k_cache, v_cache, seqs, scale: float):

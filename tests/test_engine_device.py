@@ -81,7 +81,7 @@ def test_sampled_tokens_through_the_graph_buffers_equal_the_eager_triton_steps(t
 def test_a_step_beyond_the_table_capacity_or_the_largest_bucket_runs_eager_with_the_same_tokens(tiny_model):
     with kernels.reference():
         expected, _, _ = _branches_run(_engine(tiny_model, cuda_graphs=False), SamplingParams(temperature=0))
-    small_table = _engine(tiny_model, cuda_graphs=True, item_capacity=2)  # 3 rows need 3+ private items
+    small_table = _engine(tiny_model, cuda_graphs=True, part_capacity=2)  # 3 rows need 3+ partial states
     small_buckets = _engine(tiny_model, cuda_graphs=True, buckets=(1, 2))
     with kernels.triton_on_cpu():
         assert _branches_run(small_table, SamplingParams(temperature=0))[0] == expected
@@ -94,12 +94,12 @@ def test_a_step_beyond_the_table_capacity_or_the_largest_bucket_runs_eager_with_
 def test_the_static_table_gives_padded_rows_no_parts_and_refuses_a_plan_beyond_its_capacity():
     tables = [[0, 1, 2], [0, 1, 3]]  # two rows share blocks 0-1 (32 tokens), each has one block of its own
     plan = plan_decode(tables, [40, 37], 16)
-    static = kernels.static_work_table(4, 4, 2, 16, "cpu", item_capacity=8, slot_capacity=128)
+    static = kernels.static_work_table(4, 4, 2, 16, "cpu", max_context=64, slot_capacity=128)
     assert static.fill(plan)
     ptr = static.table.part_ptr[:5].tolist()
     assert ptr[2] == ptr[3] == ptr[4]  # rows 2 and 3 (padding up to the bucket of 4) own no partial state
-    assert static.table.counts.tolist() == [1, 2]  # one shared item (2 rows x 32 slots), one private item a row
-    assert not kernels.static_work_table(4, 4, 2, 16, "cpu", item_capacity=8, slot_capacity=40).fill(plan)
+    assert static.table.counts[:2].tolist() == [1, 2]  # one shared item (2 rows x 32 slots), one private item a row
+    assert not kernels.static_work_table(4, 4, 2, 16, "cpu", max_context=64, slot_capacity=40).fill(plan)
 
 
 def test_a_plan_moved_to_another_device_keeps_every_tensor_there_and_its_host_twin():

@@ -56,13 +56,26 @@ def test_greedy_tokens_ledger_and_scores_on_cuda_equal_the_cpu_reference(tiny_ll
         assert gpu.engine.graphs.replays > 0 and gpu.engine.graphs.graphs  # captured and replayed
 
 
-def test_bfloat16_decode_steps_replayed_from_graphs_match_eager_steps(tiny_llama_dir):
+def test_a_bfloat16_decode_step_replayed_from_a_graph_gives_the_eager_steps_logits(tiny_llama_dir):
+    """One decode step of 20 branches (padded to the bucket of 32) against the same step run eagerly: the logits
+    agree to bfloat16's rounding (a padded bucket may round a product differently; sampled tokens are not
+    compared, since one flipped draw changes everything after it)."""
+    def step(model):
+        engine = model.engine
+        root = engine.new_sequence(list(range(100, 140)))
+        branches = engine.fork(root, 20, seeds=list(range(20)))
+        for i, b in enumerate(branches):
+            engine.extend(b, [200 + i])
+        engine.forward(branches)
+        logits = torch.stack([b.logits for b in branches]).float().cpu()
+        engine.release(branches + [root])
+        return logits
+
     graphed = ttc.load(str(tiny_llama_dir), dtype="bfloat16", kv_cache_gb=0.05, device="cuda")
     eager = ttc.load(str(tiny_llama_dir), dtype="bfloat16", kv_cache_gb=0.05, device="cuda", cuda_graphs=False)
-    params = SamplingParams(temperature=0.8)
-    a, b = _run(graphed, params, n_branches=20)[0], _run(eager, params, n_branches=20)[0]
-    agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(len(r) for r in a)
-    assert agree >= 0.95, agree  # padded buckets may round a bfloat16 product differently; never wholesale
+    ours, theirs = step(graphed), step(eager)
+    assert graphed.engine.graphs.replays == 1
+    torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05 * theirs.abs().max().item())
 
 
 def test_qwen2_greedy_tokens_on_cuda_equal_transformers_on_cuda(tmp_path):

@@ -173,7 +173,8 @@ class GenerationBatch:
         batch_params = [r.params[i] for r, i in slots]
         uniforms = [s.rng.uniform() if p.temperature > 0 else 0.0 for s, p in zip(batch, batch_params)]
         lse = torch.logsumexp(logits, dim=-1)  # (B,): the logprobs' and the confidences' normalizer, computed once
-        tokens, logprobs = sample(logits, batch_params, uniforms, lse)
+        with engine.on_device():  # the sampling kernel launches on the engine's GPU
+            tokens, logprobs = sample(logits, batch_params, uniforms, lse)
         confidences = token_confidence(logits, engine.confidence_k, lse)  # read-only: the draw above is untouched
         # one read back to the host for the step (on a GPU each read waits for the device): float64 holds the
         # token ids exactly and the float32 logprobs and confidences unchanged

@@ -15,10 +15,12 @@ completions) is on the CPU; a sequence's next-token logits stay on the device.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ttc.budget import CannotAttempt, Ledger
-from ttc.kernels import GatherWorkspace, PrefillSeq, plan_decode
+from ttc.kernels import GatherWorkspace, PrefillSeq, plan_decode, uses_triton
 
 from . import cache
 from .batch import GenerationBatch
@@ -60,6 +62,11 @@ class Engine:
         self.attention_workspace = GatherWorkspace()  # decode gathers write into kept buffers (see its docstring)
         self.eos_ids = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
         self._params_flops = cfg.params_per_token_flops()
+
+    def on_device(self):
+        """The engine's GPU as the current one (Triton launches and CUDA graphs use the current device, not their
+        tensors'; a thread starts on device 0): a no-op on the CPU."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     # ---------------------------------------------------------------------------------------------
     # sequences
@@ -168,9 +175,11 @@ class Engine:
                                min_shared_tokens=self.model.min_shared_tokens, dtype=self.model.dtype,
                                workspace=self.attention_workspace)
             if self.graphs is not None and not hidden:
-                logits = self.graphs.run(tokens, positions, slots, attn)
-            if logits is None:
-                attn = attn.to(dev)
+                with self.on_device():
+                    logits = self.graphs.run(tokens, positions, slots, attn)
+            if logits is None and not uses_triton(self.pool.k):
+                attn = attn.to(dev)  # the reference reads the plan on the device; Triton's work table is built from
+                # the host plan and moved in one copy of its own (kernels/attention_triton.py)
         else:
             attn, row = [], 0
             for s, n in zip(seqs, counts):
@@ -181,8 +190,9 @@ class Engine:
             # logits rows: one per sequence (its last token), or every token when all_logits is asked
             rows = None if (decode or all_logits) else torch.tensor(counts, device=dev).cumsum(0) - 1
             inputs = torch.tensor([tokens, positions, slots], device=dev)  # (3, T): one host-to-device copy
-            logits, h = self.model(inputs[0], inputs[1], self.pool.k, self.pool.v, inputs[2], attn, logits_rows=rows,
-                                   return_hidden=hidden)
+            with self.on_device():
+                logits, h = self.model(inputs[0], inputs[1], self.pool.k, self.pool.v, inputs[2], attn,
+                                       logits_rows=rows, return_hidden=hidden)
         outputs = [] if (all_logits or hidden) else None
         row = 0
         for i, (s, n) in enumerate(zip(seqs, counts)):

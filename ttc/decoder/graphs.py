@@ -36,7 +36,7 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class DecodeGraphs:
     def __init__(self, model, pool, capture: bool = True, buckets: tuple[int, ...] = BUCKETS,
-                 item_capacity: int | None = None):
+                 part_capacity: int | None = None):
         if pool.scratch_slot is None:
             raise ValueError("CUDA graphs need a KV pool with a scratch block (KVPool(scratch_blocks=1))")
         cfg, dev = model.cfg, model.device
@@ -45,12 +45,15 @@ class DecodeGraphs:
         # (3, rows): tokens, positions, slots; refilled from a pinned host twin in one copy per step
         self.inputs = torch.zeros(3, max_rows, dtype=torch.long, device=dev)
         self.staging = torch.zeros(3, max_rows, dtype=torch.long, pin_memory=dev.type == "cuda")
-        # a plan's slots number at most its rows' contexts; its items about one per 256 of them plus the
-        # shared segments' row chunks: beyond these the step runs eager
-        slot_capacity = min(max_rows * cfg.max_position, 2 * pool.num_blocks * pool.block_size)
-        items = item_capacity or max(4096, slot_capacity // 128)
+        # every plan of up to max_rows rows fits the table's items and parts (sized for the longest context the
+        # pool can hold); its slots, at most the rows' contexts, are capped at twice the pool's: a step beyond
+        # that (rows whose private parts repeat the same blocks) runs eager
+        max_context = min(cfg.max_position, pool.num_blocks * pool.block_size)
+        slot_capacity = min(max_rows * max_context, 2 * pool.num_blocks * pool.block_size)
         self.table = kernels.static_work_table(max_rows, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dev,
-                                               item_capacity=items, slot_capacity=slot_capacity)
+                                               max_context, slot_capacity, part_capacity=part_capacity)
+        # the host staging buffers are rewritten only once the previous step's copies out of them are done
+        self.copied = torch.cuda.Event() if dev.type == "cuda" else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.memory_pool = None  # one pool for every bucket's graph: outputs are copied out right after a replay
         self.replays = self.eager_steps = 0  # how often each path ran (tests, benchmarks)
@@ -60,15 +63,17 @@ class DecodeGraphs:
         `plan`: the step's host-side DecodePlan."""
         B = len(tokens)
         bucket = next((b for b in self.buckets if b >= B), None)
+        if self.copied is not None:
+            self.copied.synchronize()  # the last step's copies out of the staging buffers have landed
         if bucket is None or not self.table.fill(plan):
             self.eager_steps += 1
             return None
-        self.staging[0, :B] = torch.tensor(tokens)
-        self.staging[1, :B] = torch.tensor(positions)
-        self.staging[2, :B] = torch.tensor(slots)
+        self.staging[:, :B] = torch.tensor([tokens, positions, slots])
         self.staging[:2, B:bucket] = 0
         self.staging[2, B:bucket] = self.pool.scratch_slot
-        self.inputs[:, :bucket].copy_(self.staging[:, :bucket])
+        self.inputs.copy_(self.staging, non_blocking=True)  # all of it (6 KB at 256 rows): one contiguous copy
+        if self.copied is not None:
+            self.copied.record()
         if not self.capture:
             logits = self._forward(bucket)
         else:

@@ -65,12 +65,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     if all(p.temperature == 0 for p in params):  # greedy batches skip building the parameter tensors
         tokens = logits.argmax(dim=-1)
         return tokens, logits.gather(1, tokens[:, None])[:, 0] - (torch.logsumexp(logits, dim=-1) if lse is None else lse)
-    f32, f64, dev = torch.float32, torch.float64, logits.device  # the sampling state lives beside the logits
-    return kernels.sample(logits, torch.tensor([p.temperature for p in params], dtype=f64, device=dev),
-                          torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev),
-                          torch.tensor([p.top_p for p in params], dtype=f64, device=dev),
-                          torch.tensor([p.min_p for p in params], dtype=f32, device=dev),
-                          torch.tensor(uniforms, dtype=f32, device=dev), lse)
+    # (5, B) float64, moved beside the logits in one copy: temperature and top-p keep the caller's exact values,
+    # top-k is an exact integer there, min-p and the uniforms round to float32 as if made in float32
+    state = torch.tensor([[p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
+                          [p.min_p for p in params], list(uniforms)], dtype=torch.float64).to(logits.device)
+    temperature, top_k, top_p, min_p, u = state
+    return kernels.sample(logits, temperature, top_k.long(), top_p, min_p.float(), u.float(), lse)
 
 
 def token_confidence(logits: torch.Tensor, k: int, lse: torch.Tensor | None = None) -> torch.Tensor:
