@@ -238,3 +238,21 @@ def test_flash_cpu_prefill_rows_are_bitwise_the_same_with_or_without_a_cached_pr
     for shorter in (1, 3, 17, 32, 50, 99):
         prefix = prefill_attention_flash_cpu(q[:shorter], k, v, [PrefillSeq(0, shorter, slots[:shorter])], 0.125)
         assert torch.equal(prefix, whole[:shorter]), shorter
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_private_slots_planned_per_block_are_each_rows_unshared_tokens_in_order(seed):
+    """The plan finds private tokens per block; the twin here walks every token of every row."""
+    rng = random.Random(seed)
+    block_size = rng.choice([4, 16])
+    counter = iter(range(10_000))
+    tables, lengths = _tree_tables(rng, block_size, rng.randint(1, 12), lambda: next(counter))
+    plan = plan_decode(tables, lengths, block_size, max_segments=rng.choice([1, 8]), min_shared_tokens=rng.choice([1, 16]))
+    shared = {int(s) for seg in plan.segments for s in seg.slots}
+    for row, (table, n) in enumerate(zip(tables, lengths)):
+        context = [table[p // block_size] * block_size + p % block_size for p in range(n)]
+        own = [s for s in context if s not in shared]
+        valid = plan.private_bias[row, 0, 0] == 0
+        assert plan.private_slots[row][valid].tolist() == own
+        assert plan.private_slots[row][~valid].tolist() == [context[0]] * int((~valid).sum())  # written, finite
+        assert plan.all_slots[row, :n].tolist() == context and bool((plan.all_bias[row, 0, 0, :n] == 0).all())

@@ -109,7 +109,7 @@ def test_a_plan_moved_to_another_device_keeps_every_tensor_there_and_its_host_tw
     moved = plan.to("meta")  # a device with shapes and no data: what a GPU run does, checkable anywhere
     assert moved.host is plan
     pairs = [(moved.private_slots, plan.private_slots), (moved.private_bias, plan.private_bias),
-             (moved.all_slots, plan.all_slots), (moved.all_bias, plan.all_bias)]
+             (moved.block_table, plan.block_table), (moved.lengths, plan.lengths)]
     pairs += [(a.slots, b.slots) for a, b in zip(moved.segments, plan.segments)]
     pairs += [(a.rows, b.rows) for a, b in zip(moved.segments, plan.segments) if b.rows is not None]
     assert len(moved.segments) == len(plan.segments) == 2
