@@ -214,10 +214,11 @@ def check_resumable(cfg: dict, info_path: Path, has_records: bool) -> None:
     if isinstance(dataset, dict) and dataset.get("shard", {}) == {"index": 0, "count": 1}:
         # unsharded: the fingerprint of folders from before shards existed
         cfg = {**cfg, "dataset": {k: v for k, v in dataset.items() if k != "shard"}}
-    model = cfg.get("model")
-    if isinstance(model, dict) and model.get("device", "cpu") == "cpu":
-        # on the CPU: the fingerprint of folders from before the device keys existed (cuda_graphs is CUDA's)
-        cfg = {**cfg, "model": {k: v for k, v in model.items() if k not in ("device", "cuda_graphs")}}
+    for group in ("model", "verifier"):  # the policy's and a PRM's own model
+        node = cfg.get(group)
+        if isinstance(node, dict) and node.get("device", "cpu") == "cpu":
+            # on the CPU: the fingerprint of folders from before the device keys existed (cuda_graphs is CUDA's)
+            cfg = {**cfg, group: {k: v for k, v in node.items() if k not in ("device", "cuda_graphs")}}
     fixed = fixed_config(cfg)
     fingerprint = config_fingerprint(fixed)
     if info_path.is_file() and has_records:  # without records, a run that failed to start left it: replace it

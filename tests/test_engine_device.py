@@ -171,3 +171,11 @@ def test_a_cpu_run_resumes_a_folder_from_before_the_device_keys_and_a_cuda_run_d
     check_resumable(cpu, tmp_path / "run.json", has_records=True)  # the same experiment
     with pytest.raises(ResumeError, match="model.device"):
         check_resumable({**old, "model": {**old["model"], "device": "cuda"}}, tmp_path / "run.json", has_records=True)
+
+
+def test_a_prm_run_on_the_cpu_resumes_a_folder_from_before_the_verifiers_device_key(tmp_path):
+    from ttc.evals.results import check_resumable
+
+    old = {"model": {"spec": "smollm2-135m"}, "verifier": {"_target_": "ttc.verifiers.prm.PRMVerifier", "path": "x"}}
+    check_resumable(old, tmp_path / "run.json", has_records=False)
+    check_resumable({**old, "verifier": {**old["verifier"], "device": "cpu"}}, tmp_path / "run.json", has_records=True)

@@ -225,19 +225,22 @@ class PRMVerifier:
     joiner, good, bad...). aggregate: how a branch's PRM-step scores become its score ("last", "min",
     "mean", "prod"). split: what separates PRM steps inside a Step's text (None: one per Step).
 
+    device: where the PRM's own model runs (`ttc.load`'s device; a `Model` passed as `path` keeps its own).
+
     Cost: `cost_per_token` PRM tokens per policy token (the tokenizers' measured ratio) plus
     `cost_per_branch` tag and joiner tokens; the first branch of a problem also pays the PRM prompt.
     """
 
     def __init__(self, model, path, format: str | PRMFormat = "auto", aggregate: str = "last",
                  split: str | None = "\n\n", dtype: str = "auto", kv_cache_gb: float = 1.0,
-                 question_fn: Callable[[Branch], str] | None = None, **overrides):
+                 question_fn: Callable[[Branch], str] | None = None, device: str = "cpu", **overrides):
         from ttc.api import Model, load  # the PRM is a model of its own, on ttc's decoder
 
         if aggregate not in _AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(_AGGREGATES)}, not {aggregate!r}")
         self.policy = model
-        self.prm = path if isinstance(path, Model) else load(str(path), dtype=dtype, kv_cache_gb=kv_cache_gb)
+        self.prm = path if isinstance(path, Model) else load(str(path), dtype=dtype, kv_cache_gb=kv_cache_gb,
+                                                             device=device)
         self._owns_prm = not isinstance(path, Model)
         self.engine = self.prm.engine
         self.tokenizer = self.prm.tokenizer
@@ -357,7 +360,7 @@ class PRMVerifier:
             meter.check(seq.num_pending)
             start = seq.kv.num_tokens
             ((_, h),) = self.engine.forward([seq], hidden=True, cache_prefix=False)
-            return self._read(h[torch.tensor(rows) - start]).tolist()
+            return self._read(h[torch.tensor(rows, device=h.device) - start]).tolist()
         finally:
             self.engine.release([seq])
 
@@ -423,18 +426,21 @@ class PRMVerifier:
             self.engine.release([w.seq for w in work])
             raise
         for w, start, (_, h) in zip(steps, starts, outs):
-            w.scores = w.scores + tuple(self._read(h[torch.tensor(w.rows) - start]).tolist())
+            w.scores = w.scores + tuple(self._read(h[torch.tensor(w.rows, device=h.device) - start]).tolist())
         for w in work:
             self._store(w)
 
     def _read(self, h: torch.Tensor) -> torch.Tensor:
-        """Step scores (n,) from final-norm hidden states (n, H) at the steps' tags."""
+        """Step scores (n,) from final-norm hidden states (n, H) at the steps' tags (on the PRM's device; the
+        classifier head is read on the CPU, where it was loaded)."""
         if self.format.kind == "classifier":
+            h = h.cpu()
             logits = apply_head(self.head, h)
             if self.classes == 1:
                 return torch.sigmoid(logits[:, 0])
             return torch.softmax(logits, -1)[:, self.format.positive_class]
-        w = self.engine.model.lm_head.weight[self.candidate_ids].float()  # (2, H): good, bad
+        weight = self.engine.model.lm_head.weight
+        w = weight[self.candidate_ids.to(weight.device)].float()  # (2, H): good, bad
         return torch.softmax(h.float() @ w.T, -1)[:, 0]
 
     def _store(self, w: _Work) -> None:
