@@ -359,13 +359,14 @@ def shared_prefix_case(ctx: Ctx, B: int, prefix: int, own: int, hq: int, hkv: in
     """B rows sharing `prefix` tokens (blocks 0..), each with `own` tokens in blocks of its own; block size 16.
     Returns q (B, Hq, D), k, v (S, Hkv, D), the plan and the block tables."""
     from ttc.kernels.attention import plan_decode
+    from ttc.kernels.bench_shared_prefix import forked_tables
 
     bs = 16
-    nb, pb = prefix // bs, -(-own // bs)
-    tables = [list(range(nb)) + [nb + pb * i + j for j in range(pb)] for i in range(B)]
-    plan = plan_decode(tables, [prefix + own] * B, bs, dtype=dtype).to(ctx.device)  # where the engine keeps it
+    tables, lengths = forked_tables(B, prefix, own, bs)
+    plan = plan_decode(tables, lengths, bs, dtype=dtype).to(ctx.device)  # where the engine keeps it
+    slots = (1 + max(max(t) for t in tables)) * bs  # the pool: every block the tables name
     g = torch.Generator().manual_seed(0)
-    k, v = (torch.randn((nb + pb * B) * bs, hkv, d, generator=g).to(dtype).to(ctx.device) for _ in range(2))
+    k, v = (torch.randn(slots, hkv, d, generator=g).to(dtype).to(ctx.device) for _ in range(2))
     q = torch.randn(B, hq, d, generator=g).to(dtype).to(ctx.device)
     return q, k, v, plan, tables
 

@@ -27,11 +27,6 @@ import torch
 CASES = [(16, 128, 64), (64, 128, 64), (256, 128, 64), (64, 1024, 300), (256, 1024, 300)]
 
 
-def _tables(B: int, prefix: int, own: int, bs: int = 16):
-    nb, pb = prefix // bs, -(-own // bs)
-    return [list(range(nb)) + [nb + pb * i + j for j in range(pb)] for i in range(B)], [prefix + own] * B
-
-
 def _ms(fn, reps: int) -> float:
     fn()
     best = float("inf")
@@ -64,6 +59,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from ttc.kernels.attention import plan_decode
+    from ttc.kernels.bench_shared_prefix import forked_tables
 
     work_table = None
     try:  # the Triton work table's host part; Triton must import (no GPU needed: nothing is launched)
@@ -76,7 +72,7 @@ def main(argv=None) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for B, prefix, own in CASES:
-        tables, lengths = _tables(B, prefix, own)
+        tables, lengths = forked_tables(B, prefix, own, 16)
         now = _ms(lambda: plan_decode(tables, lengths, 16, dtype=torch.bfloat16), args.reps)
         row = [str(B), f"{prefix} shared + {own} own", f"{now:.2f}"]
         if before:

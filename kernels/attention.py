@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 NEG_INF = float("-inf")
+MAX_SEGMENTS = 8  # plan_decode's cap on shared segments (what a fixed-size work table must hold per row)
 
 
 class GatherWorkspace:
@@ -113,8 +114,8 @@ class DecodePlan:
 
 
 def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: int,
-                max_segments: int = 8, min_shared_tokens: int = 16, dtype: torch.dtype = torch.float32,
-                workspace: GatherWorkspace | None = None, device: torch.device | str = "cpu") -> DecodePlan:
+                max_segments: int = MAX_SEGMENTS, min_shared_tokens: int = 16, dtype: torch.dtype = torch.float32,
+                workspace: GatherWorkspace | None = None) -> DecodePlan:
     """Group full blocks by the exact set of rows that use them.
 
     A block used by two or more rows becomes part of that row-set's shared segment; everything else
@@ -122,8 +123,7 @@ def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: i
     gathered per row. Folding a segment into the private part is always correct, only slower, so the
     caps bound the per-layer op count on wide, shallow trees. Only the grouping walks blocks in
     Python; per-token slot arithmetic is vectorized (B * context tokens would be too slow in a loop).
-    The plan is built on the CPU and, for another `device`, moved there in one copy per dtype (`plan.host`
-    keeps the CPU plan).
+    The plan is built on the CPU; `DecodePlan.to(device)` moves it.
     """
     B = len(block_tables)
     users: dict[int, list[int]] = {}
@@ -167,8 +167,7 @@ def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: i
     private_slots = torch.where(padding, table[:, :1] * block_size, expanded)  # the row's first context slot
     private_bias = torch.zeros(B, 1, 1, p_max, dtype=dtype).masked_fill_(padding[:, None, None, :], NEG_INF)
     buckets, unsort = _bucket_private(private_slots, private_bias, counts)
-    plan = DecodePlan(tuple(segments), private_slots, private_bias, table, n, block_size, workspace, buckets, unsort)
-    return plan.to(device)
+    return DecodePlan(tuple(segments), private_slots, private_bias, table, n, block_size, workspace, buckets, unsort)
 
 
 def _plan_to(plan: DecodePlan, device: torch.device) -> DecodePlan:

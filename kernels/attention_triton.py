@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._triton_util import cast_rtne
-from .attention import DecodePlan
+from .attention import MAX_SEGMENTS, DecodePlan
 
 LOG2E = 1.4426950408889634
 BLOCK_M = 64  # queries per shared item's tile (rows * G, a power of two)
@@ -149,7 +149,7 @@ class StaticWorkTable:
     """
 
     def __init__(self, max_rows: int, num_q_heads: int, head_dim: int, rows_per_item: int, chunk: int,
-                 device: torch.device, part_capacity: int, slot_capacity: int, max_segments: int = 8):
+                 device: torch.device, part_capacity: int, slot_capacity: int, max_segments: int = MAX_SEGMENTS):
         """part_capacity: partial states (one per item and row it holds; every item holds a row, so it bounds
         the items too); a row of context c has at most ceil(c / chunk) + max_segments + 1 of them."""
         self.max_rows, self.rows_per_item, self.chunk = max_rows, rows_per_item, chunk

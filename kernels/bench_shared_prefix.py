@@ -58,10 +58,16 @@ def per_branch_sdpa(q, k_cache, v_cache, plan, scale):
     return o[:, :, 0]
 
 
+def forked_tables(rows: int, prefix: int, own: int, block_size: int = BLOCK) -> tuple[list[list[int]], list[int]]:
+    """Block tables and lengths of `rows` samples forked from one prompt: the prefix's blocks (0, 1, ...) shared
+    by every row, then `own` tokens in blocks of each row's own (the benchmarks' shared-prefix workload)."""
+    nb, pb = prefix // block_size, -(-own // block_size)
+    return [list(range(nb)) + [nb + pb * i + j for j in range(pb)] for i in range(rows)], [prefix + own] * rows
+
+
 def _workload():
-    nb, own = PREFIX // BLOCK, OWN // BLOCK
-    tables = [list(range(nb)) + [nb + own * i + j for j in range(own)] for i in range(BRANCHES)]
-    return tables, [PREFIX + OWN] * BRANCHES, (nb + own * BRANCHES) * BLOCK
+    tables, lengths = forked_tables(BRANCHES, PREFIX, OWN)
+    return tables, lengths, (PREFIX // BLOCK + OWN // BLOCK * BRANCHES) * BLOCK
 
 
 EVAL_PROBLEMS, EVAL_SAMPLES, EVAL_PROMPT, EVAL_OWN = 8, 16, (150, 220), (1, 384)

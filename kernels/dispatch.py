@@ -9,7 +9,7 @@ import importlib
 
 import torch
 
-from .attention import (DecodePlan, GatherWorkspace, PrefillSeq, SharedSegment, decode_attention as decode_attention_reference,
+from .attention import (MAX_SEGMENTS, DecodePlan, GatherWorkspace, PrefillSeq, SharedSegment, decode_attention as decode_attention_reference,
                         decode_attention_naive, flash_cpu_takes, merge_states, plan_decode,
                         prefill_attention as prefill_attention_reference, prefill_attention_flash_cpu)
 from .norm import rms_norm_cpu, rms_norm_reference
@@ -92,10 +92,9 @@ def static_work_table(max_rows: int, num_q_heads: int, num_kv_heads: int, head_d
     module = _triton("attention_triton")
     G = num_q_heads // num_kv_heads
     rows_per_item = module.tile_rows(module.BLOCK_M, G) // G
-    max_segments = 8  # plan_decode's default
-    parts = part_capacity or max_rows * (-(-max_context // module.CHUNK) + max_segments + 1)
+    parts = part_capacity or max_rows * (-(-max_context // module.CHUNK) + MAX_SEGMENTS + 1)
     return module.StaticWorkTable(max_rows, num_q_heads, head_dim, rows_per_item, module.CHUNK, torch.device(device),
-                                  parts, slot_capacity, max_segments)
+                                  parts, slot_capacity, MAX_SEGMENTS)
 
 
 def prefill_attention(q, k_cache, v_cache, seqs, scale: float):

@@ -23,9 +23,10 @@ pytest.importorskip("triton")
 
 import ttc  # noqa: E402
 from ttc import kernels  # noqa: E402
-from ttc.api import _check_device_options, resolve_device  # noqa: E402
+from ttc.api import resolve_device  # noqa: E402
 from ttc.decoder.engine import Engine  # noqa: E402
 from ttc.decoder.graphs import DecodeGraphs  # noqa: E402
+from ttc.decoder.model import check_device_options  # noqa: E402
 from ttc.decoder.sampling import SamplingParams  # noqa: E402
 from ttc.kernels.attention import plan_decode  # noqa: E402
 
@@ -144,12 +145,12 @@ def test_load_refuses_a_device_it_cannot_run_on_in_one_line():
 
 def test_cpu_only_options_are_refused_on_cuda_before_any_weight_is_read():
     cuda = torch.device("cuda", 0)
-    for kwargs, says in [({"dtype": "int4"}, "CPU kernels"), ({"dtype": "w4a8"}, "CPU kernels"),
+    for kwargs, says in [({"weights": "int4"}, "CPU kernels"), ({"weights": "w4a8"}, "CPU kernels"),
                          ({"batch_invariant": True}, "CUDA graphs"), ({"compile": True}, "CUDA graphs")]:
-        args = {"dtype": "bfloat16", "batch_invariant": False, "compile": False, **kwargs}
+        args = {"weights": "plain", "batch_invariant": False, "compile": False, **kwargs}
         with pytest.raises(ValueError, match=says):
-            _check_device_options(cuda, **args)
-    _check_device_options(torch.device("cpu"), "int4", True, True)  # all fine on the CPU
+            check_device_options(cuda, **args)
+    check_device_options(torch.device("cpu"), "int4", True, True)  # all fine on the CPU
 
 
 def test_no_module_moves_tensors_with_cuda_calls_the_device_comes_from_load():

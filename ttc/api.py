@@ -11,7 +11,7 @@ from ttc.backends.local import LocalBackend
 from ttc.budget import Ledger
 from ttc.decoder.cache import PoolExhausted, blocks_needed
 from ttc.decoder.engine import Completion, Engine
-from ttc.decoder.model import Transformer
+from ttc.decoder.model import Transformer, check_device_options
 from ttc.decoder.sampling import SamplingParams, child_seed
 from ttc.decoder.tokenizer import Tokenizer, load_tokenizer
 from ttc.decoder.weights import (
@@ -150,16 +150,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
-def _check_device_options(dev: torch.device, dtype, batch_invariant: bool, compile: bool) -> None:
-    if dev.type == "cpu":
-        return
-    if dtype in QUANTIZED:
-        raise ValueError(f"dtype={dtype} runs on ttc's CPU kernels; on {dev.type} use bfloat16, float16 or float32")
-    if batch_invariant or compile:
-        raise ValueError(f"{'batch_invariant' if batch_invariant else 'compile'}=true is a CPU path; on {dev.type} "
-                         "decode steps replay CUDA graphs instead (cuda_graphs=true)")
-
-
 def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache_gb: float = 2.0,
          block_size: int = 16, prefix_caching: bool = True, device: str | torch.device = "cpu",
          threads: int | None = None, batch_invariant: bool = False, compile: bool = False,
@@ -181,13 +171,13 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     kv_cache_gb sizes the paged KV pool (pages are only touched as they are used).
     """
     dev = resolve_device(device)
-    _check_device_options(dev, dtype, batch_invariant, compile)
+    weights = dtype if dtype in QUANTIZED else "plain"
+    check_device_options(dev, weights, batch_invariant, compile)
     if threads:
         torch.set_num_threads(threads)
     source = resolve(spec)
     cfg, state = load_weights(source)
     tokenizer = load_tokenizer(source, extra_eos=cfg.eos_token_ids)
-    weights = dtype if dtype in QUANTIZED else "plain"
     q4_1 = load_gguf_q4_1(source.path) if weights in ("int4", "w4a8") and source.kind == "gguf" else None
     model = Transformer(cfg, state, dtype=activation_dtype(dtype, weights, dev.type), weights=weights, q4_1=q4_1,
                         batch_invariant=batch_invariant, compile=compile, device=dev)

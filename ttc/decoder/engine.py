@@ -7,8 +7,9 @@ model call, `generate` alternates sampling and forwarding, `fork` shares KV, `sc
 tokens without sampling (for verifiers), `release` returns blocks. Every computed and every reused
 token is charged to the sequence's Ledger.
 
-The engine runs where its model's weights are (`model.device`): the KV pool, every step's tokens, positions
-and slots, and the cascade plan are made there (built on the host, moved in one copy each). On CUDA with
+The engine runs where its model's weights are (`model.device`): the KV pool and every step's tokens, positions
+and slots are made there (one copy a step); the cascade plan is built on the host and reaches the device as
+the Triton kernel's work table (or, for the reference kernels, moved itself: `DecodePlan.to`). On CUDA with
 `cuda_graphs`, plain decode steps replay CUDA graphs (`graphs.DecodeGraphs`). What leaves the engine (scores,
 completions) is on the CPU; a sequence's next-token logits stay on the device.
 """

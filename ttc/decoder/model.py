@@ -43,6 +43,19 @@ log = logging.getLogger(__name__)
 WEIGHT_FORMATS = ("plain", "int8", "int4", "w4a8")  # plain: the weights in the model's dtype
 
 
+def check_device_options(device: torch.device, weights: str, batch_invariant: bool, compile: bool) -> None:
+    """One-line errors for what runs only on the CPU: quantized weights (ttc's CPU kernels), batch_invariant and
+    compile. `ttc.load` calls it before reading any weight; the model again when built."""
+    if device.type == "cpu":
+        return
+    if weights != "plain":
+        raise ValueError(f"dtype={weights} runs on ttc's CPU kernels; on {device.type} use bfloat16, float16 or "
+                         "float32")
+    if batch_invariant or compile:
+        raise ValueError(f"{'batch_invariant' if batch_invariant else 'compile'}=true is a CPU path; on "
+                         f"{device.type} decode steps replay CUDA graphs instead (cuda_graphs=true)")
+
+
 class Transformer(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                  weights: str = "plain", q4_1: dict | None = None, batch_invariant: bool = False,
@@ -51,9 +64,7 @@ class Transformer(torch.nn.Module):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
         self.device = torch.device(device)
-        if self.device.type != "cpu" and (weights != "plain" or batch_invariant or compile):
-            raise ValueError(f"on {self.device.type} the model runs plain weights only (no quantized dtype, "
-                             "batch_invariant or compile: those are CPU paths)")
+        check_device_options(self.device, weights, batch_invariant, compile)
         self.cfg, self.dtype, self.weights, self.batch_invariant = cfg, dtype, weights, batch_invariant
         self.scale = cfg.head_dim ** -0.5
         q4_1 = q4_1 or {}
