@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-ONE_BITS = 0x3F800000  # the bit pattern of 1.0f
+# globals a kernel reads must be constexpr: the compiler refuses plain ones (the interpreter does not)
+LOG2E = tl.constexpr(1.4426950408889634)
+ONE_BITS = tl.constexpr(0x3F800000)  # the bit pattern of 1.0f
 
 
 @triton.jit
