@@ -122,27 +122,31 @@ def record(smoke: bool) -> list[dict]:
     seen = record_launches()
     sizes = gpu_check.SMOKE if smoke else gpu_check.GPU
     one_layer = lambda cfg: cfg | {"num_hidden_layers": 1}  # the kernels' shapes do not depend on the depth
-    models = [(f"parity-{arch}", arch, cfg, dtype) for arch, cfg in sizes.parity.items()
-              for dtype in ("float32", "bfloat16")]
-    models += [(name, "llama", cfg, "bfloat16") for name, cfg in sizes.models.items()]
+    from ttc.kernels import attention_triton
+
+    models = [(f"parity-{arch}", arch, cfg, ("float32", "bfloat16")) for arch, cfg in sizes.parity.items()]
+    models += [(name, "llama", cfg, ("bfloat16",)) for name, cfg in sizes.models.items()]
     new_tokens = 2  # a first step and one more: every kernel of a decode step has run
-    # N up to 64 fills every attention tile (rows x G >= 64); larger N launch the same specializations
-    ns = tuple(n for n in sizes.ns if n <= 64)
+    # N up to BLOCK_M fills every attention tile (rows x G >= BLOCK_M); larger N launch the same specializations
+    ns = tuple(n for n in sizes.ns if n <= attention_triton.BLOCK_M)
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="gpu_compile_") as tmp, kernels.triton_on_cpu():
         ctx = gpu_check.Ctx("cpu", sizes, Path(tmp))
-        for name, arch, cfg, dtype in models:
-            t = time.monotonic()
-            folder, _ = gpu_check.make_model(ctx, f"{name}-{dtype}", arch, one_layer(cfg), torch.float32, sharpen=False)
-            model = load(str(folder), dtype=dtype, device="cpu", kv_cache_gb=0.5)
-            for graphs in (True, False):  # on CPU, the graphs' fixed-buffer forward runs uncaptured
-                engine = Engine(model.engine.model, model.tokenizer, kv_cache_bytes=256 << 20, cuda_graphs=graphs)
-                drive(engine, cfg["vocab_size"], ns, new_tokens)
-            print(f"recorded {name} {dtype} ({time.monotonic() - t:.0f} s, {len(seen)} launches so far)", flush=True)
-            gpu_check.free(ctx)
-        from ttc.kernels import attention_triton
-
-        for case in sizes.attention:  # the attention section's kernel calls
+        for name, arch, cfg, dtypes in models:
+            folder, _ = gpu_check.make_model(ctx, name, arch, one_layer(cfg), torch.float32, sharpen=False)
+            for dtype in dtypes:
+                t = time.monotonic()
+                model = load(str(folder), dtype=dtype, device="cpu", kv_cache_gb=0.5)
+                for graphs in (True, False):  # on CPU, the graphs' fixed-buffer forward runs uncaptured
+                    engine = Engine(model.engine.model, model.tokenizer, kv_cache_bytes=256 << 20, cuda_graphs=graphs)
+                    drive(engine, cfg["vocab_size"], ns, new_tokens)
+                print(f"recorded {name} {dtype} ({time.monotonic() - t:.0f} s, {len(seen)} launches so far)",
+                      flush=True)
+                del model, engine
+                gpu_check.free(ctx)
+        # the attention section's kernel calls, prefixes cut to 256 tokens (the interpreter is slow; a launch's
+        # specialization does not depend on the context's length)
+        for case in sizes.attention:
             B, prefix, own, hq, hkv, d = case
             q, k, v, plan, _ = gpu_check.shared_prefix_case(ctx, B, min(prefix, 256), own, hq, hkv, d, torch.bfloat16)
             attention_triton.decode_attention(q, k, v, plan, d ** -0.5)
@@ -215,6 +219,9 @@ def main(argv: list[str]) -> int:
     if args.record_to:
         args.record_to.write_text(json.dumps(record(args.smoke), indent=1))
         return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":  # refused before minutes of recording, not after
+        print("gpu_compile: unset TRITON_INTERPRET (the compile stage needs Triton's compiler)", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         specs_file = args.recorded or args.specs or Path(tmp) / "specs.json"
         if not args.recorded:
@@ -224,9 +231,6 @@ def main(argv: list[str]) -> int:
                 print(f"gpu_compile: recording the launches failed (exit {done.returncode})", file=sys.stderr)
                 return 1
         specs = json.loads(specs_file.read_text())
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("gpu_compile: unset TRITON_INTERPRET (the compile stage needs Triton's compiler)", file=sys.stderr)
-        return 2
     import gpu_check
 
     gpu_check.bootstrap_ttc()

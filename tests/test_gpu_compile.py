@@ -39,14 +39,15 @@ def _example_kernel(x_ptr, n, one, scale, BLOCK: tl.constexpr, INTERPRETED: tl.c
 
 
 def test_a_launch_is_specialized_as_tritons_launcher_does_with_the_gpus_interpreted_flag():
+    specialization = _module().specialization
     x = torch.zeros(64)  # a fresh allocation: 16-byte aligned
-    spec = _module().specialization(_example_kernel, (x, 32, 1, 0.5), dict(BLOCK=64, INTERPRETED=True, num_warps=2))
+    spec = specialization(_example_kernel, (x, 32, 1, 0.5), dict(BLOCK=64, INTERPRETED=True, num_warps=2))
     assert spec == {"kernel": f"{__name__}:_example_kernel",
                     "types": {"x_ptr": "*fp32", "n": "i32", "one": "constexpr", "scale": "fp32",
                               "BLOCK": "constexpr", "INTERPRETED": "constexpr"},
                     "constants": {"one": 1, "BLOCK": 64, "INTERPRETED": False},
                     "aligned": ["x_ptr", "n"], "options": {"num_warps": 2}}
-    unaligned = _module().specialization(_example_kernel, (x[1:], 33, 2, 0.5), dict(BLOCK=64, INTERPRETED=True))
+    unaligned = specialization(_example_kernel, (x[1:], 33, 2, 0.5), dict(BLOCK=64, INTERPRETED=True))
     assert unaligned["aligned"] == [] and unaligned["types"]["one"] == "i32" and "one" not in unaligned["constants"]
 
 
