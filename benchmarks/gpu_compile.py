@@ -90,7 +90,7 @@ def drive(engine, vocab: int, ns: tuple, new_tokens: int) -> None:
     Sampling is one kernel whatever the temperature (a branch inside it) and the interpreter runs it slowly
     (~0.2 s a row at a 32k vocabulary), so the N runs are greedy and the sampled one has 4 rows."""
     from ttc.decoder.sampling import SamplingParams
-    from gpu_check import random_ids
+    from gpu_check_harness import random_ids
 
     root = engine.new_sequence(random_ids(40, vocab, seed=1))
     engine.forward([root])
@@ -110,6 +110,7 @@ def drive(engine, vocab: int, ns: tuple, new_tokens: int) -> None:
 
 def record(smoke: bool) -> list[dict]:
     import gpu_check
+    import gpu_check_harness as harness
 
     gpu_check.bootstrap_ttc()
     import torch
@@ -131,9 +132,9 @@ def record(smoke: bool) -> list[dict]:
     ns = tuple(n for n in sizes.ns if n <= attention_triton.BLOCK_M)
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="gpu_compile_") as tmp, kernels.triton_on_cpu():
-        ctx = gpu_check.Ctx("cpu", sizes, Path(tmp))
+        ctx = harness.Ctx("cpu", sizes, Path(tmp))
         for name, arch, cfg, dtypes in models:
-            folder, _ = gpu_check.make_model(ctx, name, arch, one_layer(cfg), torch.float32, sharpen=False)
+            folder, _ = harness.make_model(ctx, name, arch, one_layer(cfg), torch.float32, sharpen=False)
             for dtype in dtypes:
                 t = time.monotonic()
                 model = load(str(folder), dtype=dtype, device="cpu", kv_cache_gb=0.5)
@@ -143,7 +144,7 @@ def record(smoke: bool) -> list[dict]:
                 print(f"recorded {name} {dtype} ({time.monotonic() - t:.0f} s, {len(seen)} launches so far)",
                       flush=True)
                 del model, engine
-                gpu_check.free(ctx)
+                harness.free(ctx)
         # the attention section's kernel calls, prefixes cut to 256 tokens (the interpreter is slow; a launch's
         # specialization does not depend on the context's length)
         for case in sizes.attention:

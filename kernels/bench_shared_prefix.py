@@ -65,9 +65,14 @@ def forked_tables(rows: int, prefix: int, own: int, block_size: int = BLOCK) -> 
     return [list(range(nb)) + [nb + pb * i + j for j in range(pb)] for i in range(rows)], [prefix + own] * rows
 
 
+def pool_slots(tables: list[list[int]], block_size: int = BLOCK) -> int:
+    """Slots of the smallest pool holding every block the tables name (blocks are numbered from 0)."""
+    return (1 + max(max(t) for t in tables)) * block_size
+
+
 def _workload():
     tables, lengths = forked_tables(BRANCHES, PREFIX, OWN)
-    return tables, lengths, (PREFIX // BLOCK + OWN // BLOCK * BRANCHES) * BLOCK
+    return tables, lengths, pool_slots(tables)
 
 
 EVAL_PROBLEMS, EVAL_SAMPLES, EVAL_PROMPT, EVAL_OWN = 8, 16, (150, 220), (1, 384)

@@ -256,3 +256,12 @@ def test_private_slots_planned_per_block_are_each_rows_unshared_tokens_in_order(
         assert plan.private_slots[row][valid].tolist() == own
         assert plan.private_slots[row][~valid].tolist() == [context[0]] * int((~valid).sum())  # written, finite
         assert plan.all_slots[row, :n].tolist() == context and bool((plan.all_bias[row, 0, 0, :n] == 0).all())
+
+
+def test_forked_tables_share_the_prompt_blocks_and_pool_slots_hold_every_block_they_name():
+    from ttc.kernels.bench_shared_prefix import forked_tables, pool_slots
+
+    tables, lengths = forked_tables(3, 32, 20, 16)  # 2 shared blocks, then 2 own blocks per row (20 tokens)
+    assert tables == [[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7]]
+    assert lengths == [52, 52, 52]
+    assert pool_slots(tables, 16) == 8 * 16
