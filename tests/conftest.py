@@ -77,6 +77,24 @@ def tiny_model(tiny_llama_dir):
     return ttc.load(str(tiny_llama_dir), dtype="float32", kv_cache_gb=0.05)
 
 
+@pytest.fixture
+def engine_server(tiny_model):
+    """An OpenAI completions server on the tiny model's engine (tests/remote_fakes.py)."""
+    from remote_fakes import EngineServer
+
+    return EngineServer(tiny_model)
+
+
+@pytest.fixture
+def remote(engine_server, tiny_llama_dir):
+    """A RemoteBackend on `engine_server`, in process, one request at a time."""
+    from remote_fakes import MODEL
+    from ttc.backends.remote import RemoteBackend
+
+    return RemoteBackend("http://fake/v1", MODEL, tokenizer=str(tiny_llama_dir), max_concurrency=1,
+                         transport=engine_server.transport())
+
+
 def q4_1_blocks(n, k, seed):
     """Random Q4_1 blocks like a GGUF's: q (N, K) in 0..15, d > 0 and m < 0 per group of 32."""
     g = torch.Generator().manual_seed(seed)

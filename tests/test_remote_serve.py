@@ -2,7 +2,7 @@
 
 The server runs in this process (uvicorn on a loopback socket, in a thread) on its own float32 copy of
 the tiny model; the client talks HTTP to it at concurrency 1. Every strategy in search/ must give the
-local answers, texts and trees at the same seeds (see test_remote.SETTINGS on why sampling has a top-k
+local answers, texts and trees at the same seeds (see test_remote_strategies.SETTINGS on why sampling has a top-k
 cut here), a continuation's logprobs must match the local engine's, and `ttc-eval model=remote` must
 write the local run's records. One slow test does the same on the embedded model with self_eval.
 """
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ttc
-from test_remote import MODEL, PROBLEM, SETTINGS, STRATEGIES, outcome, remote_eval_config
+from test_remote_strategies import MODEL, PROBLEM, SETTINGS, STRATEGIES, outcome, remote_eval_config
 from ttc.backends.local import LocalProposer
 from ttc.backends.remote import RemoteBackend, RemoteProposer
 from ttc.graph import Meter
@@ -81,7 +81,7 @@ def test_completing_a_branch_that_has_sampled_continues_its_stream_on_ttc_serve(
     # max_depth=1: no beam finishes, so the best open one is completed in place, drawing on from its own
     # stream; ttc serve skips the draws the branch made (ttc_skip_draws), so even this is the local text
     from ttc.search.beam import Beam
-    from test_remote import HashVerifier
+    from test_remote_strategies import HashVerifier
 
     assert served.features.skip_draws  # learned in the handshake (/models: owned_by ttc)
     strategy = Beam(n=2, expand=2, max_depth=1)
