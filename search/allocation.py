@@ -171,32 +171,60 @@ class _Allocator:
         return result, self.last_given
 
 
-def _sample_rounds(proposer, root, meter: Meter, verifier, samples: list, answers: list, scores: list,
-                   round_size: int, max_samples: int, confidence: float | None, tree: Tree, rounds_done: int = 0,
-                   verified: float | None = None) -> str:
-    """Draw rounds of `round_size` whole solutions from `root` into samples/answers/scores, voting after
-    each, until the vote is decided, the leader's share reaches `confidence` (after at least 2 rounds),
-    a sample's verifier score reaches `verified` (if set), `max_samples` are drawn, or the meter cannot
-    pay another round. Returns why it stopped."""
+@dataclass
+class _Draws:
+    """The whole solutions a problem has drawn so far, in order, with their answers and verifier scores (None
+    where unscored), each also a final node of `tree`."""
+
+    tree: Tree
+    samples: list = field(default_factory=list)
+    answers: list = field(default_factory=list)
+    scores: list = field(default_factory=list)
+
+    def add(self, proposer, new: list, scores: list) -> None:
+        for b, s in zip(new, scores):
+            self.tree.add(b, score=s, status="final")
+        self.samples.extend(new)
+        self.answers.extend(proposer.answer(b) for b in new)
+        self.scores.extend(scores)
+
+
+@dataclass(frozen=True)
+class _Rounds:
+    """When drawing rounds stops (`_sample_rounds`): `round_size` samples a round, at most `max_samples`; the
+    leader's share reaching `confidence` (after 2 rounds, if set); a score reaching `verified` (if set)."""
+
+    round_size: int
+    max_samples: int
+    confidence: float | None = None
+    verified: float | None = None
+
+
+def _sample_rounds(proposer, root, meter: Meter, verifier, draws: _Draws, rule: _Rounds, rounds_done: int = 0) -> str:
+    """Draw rounds of `rule.round_size` whole solutions from `root` into `draws`, voting after each, until the
+    vote is decided, the leader's share reaches `rule.confidence` (after at least 2 rounds), a sample's verifier
+    score reaches `rule.verified` (if set), `rule.max_samples` are drawn, or the meter cannot pay another round.
+    Returns why it stopped."""
     if verifier is not None:
         meter.verifier_cost = verifier_cost(verifier)
-    cost_per_sample = _cost_per_sample(tree)
+    cost_per_sample = _cost_per_sample(draws.tree)
     rounds = rounds_done
+    samples, answers, scores = draws.samples, draws.answers, draws.scores
     while True:
         if samples:
-            if verified is not None and any(x is not None and x >= verified for x in scores):
+            if rule.verified is not None and any(x is not None and x >= rule.verified for x in scores):
                 return "verified"
             v = vote(answers)
             ranked = sorted(v.counts.values(), reverse=True)
             leader, runner_up = (ranked + [0, 0])[:2]
-            left = max_samples - len(samples)
+            left = rule.max_samples - len(samples)
             if leader - runner_up > left:
                 return "decided"
-            if confidence is not None and rounds >= 2 and leader / len(samples) >= confidence:
+            if rule.confidence is not None and rounds >= 2 and leader / len(samples) >= rule.confidence:
                 return "confident"
             if left <= 0:
                 return "max_samples"
-        n = min(round_size, max_samples - len(samples))
+        n = min(rule.round_size, rule.max_samples - len(samples))
         if n < 1:
             return "max_samples"
         if cost_per_sample and meter.affordable_tokens() < n * cost_per_sample:
@@ -209,14 +237,10 @@ def _sample_rounds(proposer, root, meter: Meter, verifier, samples: list, answer
         rounds += 1
         spent = meter.ledger.total_tokens - before
         cost_per_sample = max(cost_per_sample, math.ceil(spent / len(new)))
-        for b, s in zip(new, new_scores):
-            tree.add(b, score=s, status="final")
-        samples.extend(new)
-        answers.extend(proposer.answer(b) for b in new)
-        scores.extend(new_scores)
-        tree.history.append({"round": rounds, "samples": len(samples), "tokens": meter.ledger.total_tokens,
-                             "cost_per_sample": cost_per_sample,
-                             "votes": sorted(vote(answers).counts.values(), reverse=True)})
+        draws.add(proposer, new, new_scores)
+        draws.tree.history.append({"round": rounds, "samples": len(samples), "tokens": meter.ledger.total_tokens,
+                                   "cost_per_sample": cost_per_sample,
+                                   "votes": sorted(vote(answers).counts.values(), reverse=True)})
         if len(new) < n:  # the budget could pay only part of the round
             return "cap"
 
@@ -225,10 +249,11 @@ def _cost_per_sample(tree: Tree) -> int:
     return max((h.get("cost_per_sample", 0) for h in tree.history), default=0)
 
 
-def _decide(name: str, problem: Problem, proposer, meter: Meter, tree: Tree, samples: list, answers: list,
-            scores: list, by_score: bool = False, weighted: bool = False) -> Result:
+def _decide(name: str, problem: Problem, proposer, meter: Meter, draws: _Draws, by_score: bool = False,
+            weighted: bool = False) -> Result:
     """Answer from the samples drawn: best-of-n's choice (by_score: the highest verifier score; weighted:
     the score-weighted vote) when every sample was scored, else self-consistency's majority vote."""
+    samples, answers, scores, tree = draws.samples, draws.answers, draws.scores, draws.tree
     if (by_score or weighted) and samples and all(x is not None for x in scores):
         return best_scored(name, problem, proposer, meter, tree, samples, answers, scores, weighted=not by_score)
     return majority(name, problem, proposer, meter, tree, samples, answers)
@@ -277,20 +302,18 @@ class AdaptiveStop(_Allocator):
         cap = pool.grant(pool.fair_share(ticket) * self.cap_factor, ticket)
 
         def body(meter: Meter) -> Result:
-            tree = Tree()
+            draws = _Draws(Tree())
             bound = bind_verifier(verifier, problem, proposer, meter)
             root = proposer.start(problem, meter)
-            tree.add(root, status="root")
-            samples, answers, scores = [], [], []
+            draws.tree.add(root, status="root")
+            rule = _Rounds(self.round_size, self.max_samples, self.confidence,
+                           verified=self.verified if bound is not None else None)
             try:
-                why = _sample_rounds(proposer, root, meter, bound, samples, answers, scores, self.round_size,
-                                     self.max_samples, self.confidence, tree,
-                                     verified=self.verified if bound is not None else None)
-                tree.history.append({"stopped": why})
-                return _decide(self.name, problem, proposer, meter, tree, samples, answers, scores,
-                               weighted=self.weighted)
+                why = _sample_rounds(proposer, root, meter, bound, draws, rule)
+                draws.tree.history.append({"stopped": why})
+                return _decide(self.name, problem, proposer, meter, draws, weighted=self.weighted)
             finally:
-                proposer.release([root, *samples])
+                proposer.release([root, *draws.samples])
 
         return self._run(problem, pool, ledger, cap, body, ticket)
 
@@ -369,38 +392,35 @@ class Difficulty(_Allocator):
         first_cap = pool.grant(share, ticket)
 
         def body(meter: Meter) -> Result:
-            tree = Tree()
+            draws = _Draws(Tree())
             bound = bind_verifier(verifier, problem, proposer, meter)
             if bound is not None:
                 meter.verifier_cost = verifier_cost(bound)
             root = proposer.start(problem, meter)
-            tree.add(root, status="root")
-            samples: list = []
+            draws.tree.add(root, status="root")
             try:
                 before = meter.ledger.total_tokens
-                samples = proposer.propose([root], self.first_pass, meter, to_end=True)
-                scores = score_or_zero(bound, samples, meter) if bound is not None else [None] * len(samples)
-                answers = [proposer.answer(b) for b in samples]
-                for b, s in zip(samples, scores):
-                    tree.add(b, score=s, status="final")
-                band = self.last_band = self.band(answers, scores)
+                first = proposer.propose([root], self.first_pass, meter, to_end=True)
+                scores = score_or_zero(bound, first, meter) if bound is not None else [None] * len(first)
+                draws.add(proposer, first, scores)
+                band = self.last_band = self.band(draws.answers, draws.scores)
                 entry = self.table[band]
-                cost = math.ceil((meter.ledger.total_tokens - before) / len(samples)) if samples else 0
-                tree.history.append({"round": 1, "band": band, "samples": len(samples), "cost_per_sample": cost,
-                                     "tokens": meter.ledger.total_tokens, **entry})
+                cost = math.ceil((meter.ledger.total_tokens - before) / len(first)) if first else 0
+                draws.tree.history.append({"round": 1, "band": band, "samples": len(first), "cost_per_sample": cost,
+                                           "tokens": meter.ledger.total_tokens, **entry})
                 cap = pool.grant(share * entry["cap_factor"], ticket)
                 if cap > meter.budget.tokens:
                     meter.budget = Budget(tokens=cap)
                 why = "answered"
-                if entry["cap_factor"] > 0 and samples:
-                    why = _sample_rounds(proposer, root, meter, bound, samples, answers, scores, self.round_size,
-                                         self.max_samples, self.confidence, tree, rounds_done=1)
-                tree.history.append({"stopped": why})
+                if entry["cap_factor"] > 0 and first:
+                    why = _sample_rounds(proposer, root, meter, bound, draws,
+                                         _Rounds(self.round_size, self.max_samples, self.confidence), rounds_done=1)
+                draws.tree.history.append({"stopped": why})
                 by_score = entry["strategy"] == "best_of_n" and bound is not None
-                return _decide(self.name, problem, proposer, meter, tree, samples, answers, scores,
-                               by_score=by_score, weighted=self.weighted and not by_score)
+                return _decide(self.name, problem, proposer, meter, draws, by_score=by_score,
+                               weighted=self.weighted and not by_score)
             finally:
-                proposer.release([root, *samples])
+                proposer.release([root, *draws.samples])
 
         self.last_band = None
         return self._run(problem, pool, ledger, first_cap, body, ticket)
