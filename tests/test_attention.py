@@ -265,3 +265,59 @@ def test_forked_tables_share_the_prompt_blocks_and_pool_slots_hold_every_block_t
     assert tables == [[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7]]
     assert lengths == [52, 52, 52]
     assert pool_slots(tables, 16) == 8 * 16
+
+
+def _same_groups(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(ra, rb) and torch.equal(ba, bb) for (ra, ba), (rb, bb) in zip(a, b))
+
+
+def _shuffled_tree(seed: int, n_rows: int):
+    """A random tree whose block ids are shuffled, so first appearance and id order differ."""
+    rng = random.Random(seed)
+    block_size = rng.choice([4, 16])
+    ids = list(range(5_000))
+    rng.shuffle(ids)
+    counter = iter(ids)
+    tables, lengths = _tree_tables(rng, block_size, n_rows, lambda: next(counter))
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    return rng, block_size, tables, lengths, table
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_vectorized_block_grouping_equals_the_python_loop_on_random_trees_of_up_to_100_rows(seed):
+    """Rows beyond 32 and 64 take several signature words; order, ties and the caps are the loop's exactly."""
+    from ttc.kernels.attention import shared_groups, shared_groups_loop
+
+    rng, block_size, tables, lengths, table = _shuffled_tree(seed, random.Random(seed).choice([2, 9, 33, 70, 100]))
+    caps = dict(max_segments=rng.choice([1, 3, 8]), min_shared_tokens=rng.choice([1, 16, 40]))
+    fast = shared_groups(table, torch.tensor(lengths), block_size, **caps)
+    assert _same_groups(fast, shared_groups_loop(tables, lengths, block_size, **caps))
+
+
+def test_a_row_that_lists_a_block_twice_is_grouped_as_the_loop_groups_it():
+    from ttc.kernels.attention import shared_groups, shared_groups_loop
+
+    tables = [[0, 1, 2, 2], [0, 1, 3, 4], [5, 1, 3, 6]]  # row 0 lists block 2 twice: its bits would carry
+    lengths = [4 * 4] * 3
+    fast = shared_groups(torch.tensor(tables), torch.tensor(lengths), 4, min_shared_tokens=1)
+    loop = shared_groups_loop(tables, lengths, 4, min_shared_tokens=1)
+    assert _same_groups(fast, loop) and [r.tolist() for r, _ in loop] == [[0, 1, 2], [0, 1], [0, 0], [1, 2]]
+
+
+def test_a_plan_large_enough_to_group_blocks_with_tensor_ops_equals_the_loops_plan(monkeypatch):
+    from ttc.kernels import attention
+
+    rng = random.Random(7)
+    counter = iter(range(100_000))
+    tables, lengths = _tree_tables(rng, 4, 300, lambda: next(counter))
+    tables = [t + [next(counter) for _ in range(20)] for t in tables]  # long own parts: many full blocks
+    lengths = [n + 20 * 4 for n in lengths]
+    assert sum(min(len(t), n // 4) for t, n in zip(tables, lengths)) >= attention.VECTORIZE_FROM
+    fast = plan_decode(tables, lengths, 4, min_shared_tokens=1)
+    monkeypatch.setattr(attention, "VECTORIZE_FROM", 10 ** 9)
+    loop = plan_decode(tables, lengths, 4, min_shared_tokens=1)
+    assert len(fast.segments) == len(loop.segments) > 1
+    for a, b in zip(fast.segments, loop.segments):
+        assert (a.rows is None and b.rows is None or torch.equal(a.rows, b.rows)) and torch.equal(a.slots, b.slots)
+    assert torch.equal(fast.private_slots, loop.private_slots) and torch.equal(fast.private_bias, loop.private_bias)
