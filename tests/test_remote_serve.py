@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import ttc
-from test_remote_strategies import MODEL, PROBLEM, SETTINGS, STRATEGIES, outcome, remote_eval_config
+from test_remote_strategies import (MODEL, PROBLEM, SETTINGS, STRATEGIES, assert_remote_writes_the_local_texts,
+                                    outcome, remote_eval_config)
 from ttc.backends.local import LocalProposer
 from ttc.backends.remote import RemoteBackend, RemoteProposer
 from ttc.graph import Meter
@@ -70,11 +71,7 @@ def served(serve_url, tiny_llama_dir):
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_over_ttc_serve_writes_the_local_texts_at_the_same_seeds(name, tiny_model, served):
-    strategy, verifier = STRATEGIES[name]
-    local = solve(PROBLEM, strategy, verifier=verifier, proposer=LocalProposer(tiny_model, **SETTINGS))
-    far = solve(PROBLEM, strategy, verifier=verifier, proposer=RemoteProposer(served, **SETTINGS))
-    assert outcome(far) == outcome(local)
-    assert far.ledger.generated_tokens == local.ledger.generated_tokens
+    assert_remote_writes_the_local_texts(name, tiny_model, served)
 
 
 def test_completing_a_branch_that_has_sampled_continues_its_stream_on_ttc_serve(tiny_model, served):

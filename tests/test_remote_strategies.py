@@ -67,13 +67,19 @@ def outcome(result) -> tuple:
     return result.answer, result.text, [c.get("answer") for c in result.candidates], nodes
 
 
+def assert_remote_writes_the_local_texts(name: str, model, backend) -> None:
+    """STRATEGIES[name] on the backend's server and on the local proposer: the same texts, tree and answer at
+    the same seeds, and the same count of generated tokens (EOS and all, as the engine counts them)."""
+    strategy, verifier = STRATEGIES[name]
+    local = solve(PROBLEM, strategy, verifier=verifier, proposer=LocalProposer(model, **SETTINGS))
+    far = solve(PROBLEM, strategy, verifier=verifier, proposer=RemoteProposer(backend, **SETTINGS))
+    assert outcome(far) == outcome(local)
+    assert far.ledger.generated_tokens == local.ledger.generated_tokens
+
+
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_writes_the_local_proposers_texts_at_the_same_seeds(name, tiny_model, remote):
-    strategy, verifier = STRATEGIES[name]
-    local = solve(PROBLEM, strategy, verifier=verifier, proposer=LocalProposer(tiny_model, **SETTINGS))
-    far = solve(PROBLEM, strategy, verifier=verifier, proposer=RemoteProposer(remote, **SETTINGS))
-    assert outcome(far) == outcome(local)
-    assert far.ledger.generated_tokens == local.ledger.generated_tokens  # EOS and all, as the engine counts them
+    assert_remote_writes_the_local_texts(name, tiny_model, remote)
 
 
 def test_completing_a_branch_that_has_sampled_is_where_the_streams_part(tiny_model, remote):
