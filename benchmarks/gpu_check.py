@@ -6,7 +6,8 @@ For a bare GPU machine with a copy of this repository (not pip-installed), torch
 tokenizers, and no network: ttc's folders are imported without running ttc/__init__.py (its search layer needs
 math_verify), and every model has random weights made on the device, saved as a Hugging Face folder with an
 offline word-level tokenizer (prompts are token ids). Sections, timed, the longest last (the deadline cuts it):
-environment; parity (greedy tokens equal transformers', float32, TF32 off, Llama and Qwen2, prompts and forked
+environment; kernels (norm, rotary and sampling against their references on the GPU: gpu_check_kernels.py);
+parity (greedy tokens equal transformers', float32, TF32 off, Llama and Qwen2, prompts and forked
 branches in one batch; bfloat16's agreement); attention (the Triton kernel against the memory floor at the copy
 bandwidth measured here, and against the reference); throughput (tok/s of N samples of one prompt against
 transformers' generate, ~0.5B and ~1.5B Llamas in bfloat16; cuda_graphs off against on). What would not fit
@@ -39,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_harness import (Ctx, Deadline, Report, check, free, guarded, load_ttc, log,  # noqa: E402
                                make_model, random_ids, table)
+from gpu_check_kernels import kernels_section  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -389,8 +391,8 @@ def graphs_off_vs_on(ctx: Ctx, rows: list, name: str, folder: Path, model, promp
 # -------------------------------------------------------------------------------------------------
 # The run
 
-SECTIONS = [("environment", environment, 1), ("parity", parity, 20), ("attention", attention, 15),
-            ("throughput", throughput, 60)]  # (name, function, seconds it needs at least on the GPU)
+SECTIONS = [("environment", environment, 1), ("kernels", kernels_section, 5), ("parity", parity, 20),
+            ("attention", attention, 15), ("throughput", throughput, 60)]  # (name, function, seconds it needs on a GPU)
 
 
 def run_section(ctx: Ctx, fn, sec: dict) -> None:

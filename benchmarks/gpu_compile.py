@@ -11,9 +11,9 @@ launch's exact specialization ahead of time.
    configs in float32 and bfloat16, the ~0.5B and ~1.5B Llamas in bfloat16; their shapes, one layer each) run on
    the CPU through the CUDA hot path (`kernels.triton_on_cpu()`), with and without the CUDA graphs' fixed
    buffers: prompts and forked branches greedy, N samples of one prompt for every N of the throughput section,
-   a score; then the attention section's cases. Each launch's specialization is recorded the way Triton's
-   launcher makes it (argument types, 16-byte alignment, ints equal to 1, the constexprs, num_warps), with
-   INTERPRETED=False: the GPU's value.
+   a score; then the attention section's cases and the kernels section's checks (gpu_check_kernels.py). Each
+   launch's specialization is recorded the way Triton's launcher makes it (argument types, 16-byte alignment,
+   ints equal to 1, the constexprs, num_warps), with INTERPRETED=False: the GPU's value.
 2. Compile (this process, no interpreter): each one with `triton.compile` for cuda sm_ARCH (90: H100/H200), its
    shared memory checked against the architecture's limit. A table per kernel; exit status 1 if any failed.
 
@@ -152,6 +152,13 @@ def record(smoke: bool) -> list[dict]:
             q, k, v, plan, _ = gpu_check.shared_prefix_case(ctx, B, min(prefix, 256), own, hq, hkv, d, torch.bfloat16)
             attention_triton.decode_attention(q, k, v, plan, d ** -0.5)
         print(f"recorded the attention cases ({len(seen)} launches)", flush=True)
+        # the kernels section's own launches (a qkv view, float64 uniforms...), sampling on 2 rows (the grid
+        # does not enter a specialization; the interpreter takes ~0.2 s a row at a 32k vocabulary)
+        import gpu_check_kernels
+
+        shapes = gpu_check_kernels.SMOKE_SHAPES if smoke else gpu_check_kernels.model_shapes(sizes.models)
+        gpu_check_kernels.check_kernels(ctx, dict(tables=[], checks=[], notes=[]), shapes, sample_rows=2)
+        print(f"recorded the kernels section ({len(seen)} launches)", flush=True)
     return list(seen.values())
 
 

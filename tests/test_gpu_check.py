@@ -7,6 +7,7 @@ blocks both and removes the editable install's finder, so only the script's own 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +35,16 @@ finally:
 
 def test_the_smoke_run_passes_parity_on_both_configs_without_math_verify_gguf_or_an_installed_ttc(tmp_path):
     out = tmp_path / "report"
+    # TRITON_INTERPRET=1: the kernels section runs the Triton kernels through the interpreter
     done = subprocess.run([sys.executable, "-c", BARE_MACHINE, str(out), "--smoke"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=os.environ | {"TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "ttc/__init__.py ran: False" in done.stdout
     report = json.loads((out / "report.json").read_text())
     sections = {s["name"]: s for s in report["sections"]}
-    assert list(sections) == ["environment", "parity", "attention", "throughput"]
+    assert list(sections) == ["environment", "kernels", "parity", "attention", "throughput"]
+    kernel_checks = sections["kernels"]["checks"]
+    assert len(kernel_checks) == 7 and all(c["passed"] and c["must"] for c in kernel_checks)
     assert all(s["status"] == "ok" for s in sections.values()), [(s["name"], s["error"]) for s in sections.values()]
     parity = {c["name"].split(":")[0]: c["passed"] for c in sections["parity"]["checks"]}
     assert parity == {"llama": True, "qwen2": True}
@@ -60,3 +64,26 @@ def test_without_a_gpu_and_without_smoke_it_exits_2_with_one_line_suggesting_smo
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "--smoke" in done.stderr, done.stderr
     assert not (tmp_path / "report").exists()
+
+
+def test_the_kernels_section_fails_a_norm_kernel_that_is_off_by_one_percent():
+    """The section's checks can fail: a kernel 1% off is reported FAIL (checked on the CPU interpreter)."""
+    script = f"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import gpu_check_harness, gpu_check_kernels
+from ttc import kernels
+from ttc.kernels import norm_triton
+right = norm_triton.rms_norm
+norm_triton.rms_norm = lambda x, w, eps, r=None: (lambda y: (y[0] * 1.01, y[1]) if r is not None else y * 1.01)(
+    right(x, w, eps, r))
+sec = dict(tables=[], checks=[], notes=[])
+ctx = gpu_check_harness.Ctx("cpu", None, None)
+with kernels.triton_on_cpu():
+    gpu_check_kernels.norm_checks(ctx, sec, [], "tiny", gpu_check_kernels.SMOKE_SHAPES["tiny"])
+print([c["passed"] for c in sec["checks"]])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[False, False, False]"
