@@ -20,6 +20,7 @@ with tiny models, well under a minute (CI's check of this script's logic).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.machinery
 import importlib.metadata
@@ -199,6 +200,8 @@ def parity_one(ctx: Ctx, sec: dict, rows: list, bf16: list, i: int, arch: str, c
     for label, a, b in zip(labels, ours, theirs):
         rows.append([arch, label, a == b, None if a == b else f"at token {common_prefix(a, b)}"])
     check(sec, f"{arch}: float32 greedy tokens equal transformers' on {len(ours)} sequences", ours == theirs)
+    if ours != theirs:
+        sec["notes"] += parity_diagnosis(ctx, arch, folder, prompts, branch, theirs)
 
     model = load_ttc(ctx, folder, "bfloat16", kv_cache_gb=0.25)
     _, ours = ttc_greedy(model, prompts, branch, s.greedy_tokens)
@@ -207,6 +210,24 @@ def parity_one(ctx: Ctx, sec: dict, rows: list, bf16: list, i: int, arch: str, c
     same = sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b)) / sum(len(b) for b in theirs)
     bf16.append([arch, f"{sum(a == b for a, b in zip(ours, theirs))}/{len(ours)}", same, agreement(ours, theirs),
                  agreement(theirs, exact), agreement(ours, exact)])  # the last two: bfloat16's own noise
+
+
+def parity_diagnosis(ctx: Ctx, arch: str, folder: Path, prompts: list, branch: list, theirs: list) -> list[str]:
+    """Where float32 parity failed, the same run twice more, to say which part differs: decode steps run eagerly
+    (cuda_graphs=False), then eagerly on the PyTorch references (`kernels.reference()`: no Triton kernel)."""
+    from ttc import kernels
+
+    notes = []
+    for label, graphs, reference in [("cuda_graphs=False", False, False),
+                                     ("cuda_graphs=False and the PyTorch references", False, True)]:
+        with kernels.reference() if reference else contextlib.nullcontext():
+            model = load_ttc(ctx, folder, "float32", kv_cache_gb=0.25, cuda_graphs=graphs)
+            _, ours = ttc_greedy(model, prompts, branch, ctx.sizes.greedy_tokens)
+        del model
+        equal = sum(a == b for a, b in zip(ours, theirs))
+        notes.append(f"{arch} diagnosis: with {label}, {equal} of {len(theirs)} sequences equal transformers'")
+        log(notes[-1])
+    return notes
 
 
 # -------------------------------------------------------------------------------------------------

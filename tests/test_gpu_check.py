@@ -87,3 +87,33 @@ print([c["passed"] for c in sec["checks"]])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[False, False, False]"
+
+
+def test_a_failed_parity_is_diagnosed_eager_and_on_the_references(tmp_path):
+    """parity_diagnosis reruns ttc eagerly and on the PyTorch references and counts the sequences that match."""
+    script = f"""
+import sys, pathlib
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import gpu_check
+ctx = gpu_check.Ctx("cpu", gpu_check.SMOKE, pathlib.Path({str(tmp_path)!r}))
+folder, hf = gpu_check.make_model(ctx, "tiny", "llama", gpu_check.TINY, gpu_check.torch.float32, sharpen=True)
+prompts = [gpu_check.random_ids(n, 1000, seed=n) for n in (3, 16)]
+branch = gpu_check.random_ids(20, 1000, seed=9)
+model = gpu_check.load_ttc(ctx, folder, "float32", kv_cache_gb=0.05)
+inputs, ours = gpu_check.ttc_greedy(model, prompts, branch, ctx.sizes.greedy_tokens)
+theirs = gpu_check.hf_greedy(ctx, hf, inputs, ctx.sizes.greedy_tokens)
+assert ours == theirs
+for note in gpu_check.parity_diagnosis(ctx, "llama", folder, prompts, branch, theirs):
+    print("NOTE", note)
+for note in gpu_check.parity_diagnosis(ctx, "llama", folder, prompts, branch, [t[::-1] for t in theirs]):
+    print("NOTE", note)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    notes = [line[5:] for line in done.stdout.splitlines() if line.startswith("NOTE ")]
+    assert notes == ["llama diagnosis: with cuda_graphs=False, 6 of 6 sequences equal transformers'",
+                     "llama diagnosis: with cuda_graphs=False and the PyTorch references, 6 of 6 sequences equal "
+                     "transformers'",
+                     "llama diagnosis: with cuda_graphs=False, 0 of 6 sequences equal transformers'",
+                     "llama diagnosis: with cuda_graphs=False and the PyTorch references, 0 of 6 sequences equal "
+                     "transformers'"]
