@@ -19,7 +19,7 @@ import random
 
 import torch
 
-from gpu_check_harness import check, table
+from gpu_check_harness import check, guarded, table
 
 SMOKE_SHAPES = {"tiny": dict(hidden=64, q_heads=4, kv_heads=2, head_dim=16, vocab=1000)}
 
@@ -49,9 +49,9 @@ def check_kernels(ctx, sec: dict, shapes: dict, sample_rows: int) -> None:
     rows = table(sec, "each Triton kernel against its PyTorch reference on the same inputs",
                  ["model", "kernel", "dtype", "max err", "reference err", "passed"])
     for name, dims in shapes.items():
-        norm_checks(ctx, sec, rows, name, dims)
-        rotary_checks(ctx, sec, rows, name, dims)
-        sampling_checks(ctx, sec, rows, name, dims, sample_rows)
+        for checks, extra in ((norm_checks, ()), (rotary_checks, ()), (sampling_checks, (sample_rows,))):
+            with guarded(sec, f"{checks.__name__} {name}"):  # a kernel that raises (or will not compile) is
+                checks(ctx, sec, rows, name, dims, *extra)  # written to the report; the others still run
 
 
 def _randn(ctx, *shape, seed: int) -> torch.Tensor:

@@ -157,7 +157,7 @@ def record(smoke: bool) -> list[dict]:
         import gpu_check_kernels
 
         shapes = gpu_check_kernels.SMOKE_SHAPES if smoke else gpu_check_kernels.model_shapes(sizes.models)
-        gpu_check_kernels.check_kernels(ctx, dict(tables=[], checks=[], notes=[]), shapes, sample_rows=2)
+        gpu_check_kernels.check_kernels(ctx, dict(tables=[], checks=[], notes=[], error=None), shapes, sample_rows=2)
         print(f"recorded the kernels section ({len(seen)} launches)", flush=True)
     return list(seen.values())
 
