@@ -45,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GSM8K = "../shared/data/gsm8k/test.jsonl"
 DEFAULT_MATH500 = "../shared/data/math500/test.jsonl"
 ON_ERROR = ("skip", "raise")
+SPLIT_NAMES = ("train", "test", "validation", "dev")  # file stems that name the split they hold
 
 
 class DatasetError(ValueError):
@@ -142,9 +143,16 @@ def load_reasoning_gym(task: str, seed: int = 0, size: int = 100, options: dict 
 # --- math from files or the hub ---------------------------------------------------------------
 
 def load_gsm8k(path: str = DEFAULT_GSM8K, hub: str | None = None, hub_config: str | None = "main",
-               split: str = "test", limit: int | None = None, on_error: str = "skip",
+               split: str | None = None, limit: int | None = None, on_error: str = "skip",
                instruction: str = ANSWER_INSTRUCTION) -> Dataset:
-    """GSM8K rows {"question", "answer": "... #### 42"}; the reference is the text after ####."""
+    """GSM8K rows {"question", "answer": "... #### 42"}; the reference is the text after ####.
+
+    A row without an "id" is named gsm8k-<split>-<row index>. `split` is the hub's split to read and that name;
+    left None it is "test", or, reading a file named after a split (train.jsonl), that split, so training rows
+    are never named as test rows."""
+    if split is None:
+        stem = Path(path).stem if path else ""
+        split = stem if (not hub and stem in SPLIT_NAMES) else "test"
 
     def parse(row: dict, index: int) -> Problem:
         question = _field(row, "question", str)

@@ -64,6 +64,12 @@ def test_problem_ids_do_not_shift_when_an_earlier_row_is_malformed(gsm8k_file):
     assert ids == ["gsm8k-test-0", "gsm8k-test-3"]  # the row index, blank lines not counted
 
 
+def test_gsm8k_rows_read_from_a_file_named_train_are_named_as_training_rows(tmp_path):
+    train = write_lines(tmp_path / "train.jsonl", [gsm8k_row("What is 2 + 3?", "5")])
+    assert [p.id for p in load_gsm8k(str(train)).problems] == ["gsm8k-train-0"]
+    assert [p.id for p in load_gsm8k(str(train), split="dev").problems] == ["gsm8k-dev-0"]  # a given split wins
+
+
 def test_limit_takes_the_first_good_problems(gsm8k_file):
     assert [p.answer for p in load_gsm8k(str(gsm8k_file), limit=1).problems] == ["5"]
     assert load_gsm8k(str(gsm8k_file), limit=0).problems == []
