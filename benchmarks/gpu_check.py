@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
@@ -39,31 +38,12 @@ from pathlib import Path
 # Found beside this file however the script was started (`python benchmarks/gpu_check.py`, runpy, an import);
 # bootstrap_ttc takes this folder off sys.path again.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check_harness import (Ctx, Deadline, Report, check, free, guarded, load_ttc, log,  # noqa: E402
-                               make_model, random_ids, table)
+from gpu_check_harness import (Ctx, Deadline, Report, bootstrap_ttc, check, free, guarded, load_ttc,  # noqa: E402
+                               log, make_model, random_ids, table)
 from gpu_check_kernels import kernels_section  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def bootstrap_ttc() -> None:
-    """Make `ttc.*` this checkout's folders without running ttc/__init__.py.
-
-    pyproject maps top-level folders into one package (ttc/ -> ttc, kernels/ -> ttc.kernels, search/ ->
-    ttc.search, ...). A bare package module whose __path__ is [ROOT/ttc, ROOT] resolves each to the same
-    folder, installed or not; ttc/__init__.py (which imports math_verify through the search layer) never runs.
-    """
-    here = Path(__file__).resolve().parent  # benchmarks/ holds search.py, serve.py...: keep them off sys.path
-    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != here]
-    spec = importlib.machinery.ModuleSpec("ttc", None, is_package=True)
-    spec.submodule_search_locations = [str(ROOT / "ttc"), str(ROOT)]
-    sys.modules["ttc"] = importlib.util.module_from_spec(spec)
-    import ttc.api
-
-    assert Path(ttc.api.__file__).resolve().is_relative_to(ROOT), f"ttc.api came from {ttc.api.__file__}"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -236,7 +216,7 @@ def parity_diagnosis(ctx: Ctx, arch: str, folder: Path, prompts: list, branch: l
 def shared_prefix_case(ctx: Ctx, B: int, prefix: int, own: int, hq: int, hkv: int, d: int, dtype: torch.dtype):
     """B rows sharing `prefix` tokens (blocks 0..), each with `own` tokens in blocks of its own; block size 16.
     Returns q (B, Hq, D), k, v (S, Hkv, D), the plan and the block tables."""
-    from ttc.kernels.attention import plan_decode
+    from ttc.kernels.decode_plan import plan_decode
     from ttc.kernels.bench_shared_prefix import forked_tables, pool_slots
 
     bs = 16

@@ -13,7 +13,10 @@ import time
 STARTED = time.monotonic()  # the deadline counts from here (imported first), torch's import included
 
 import contextlib  # noqa: E402
+import importlib.machinery  # noqa: E402
+import importlib.util  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -28,6 +31,7 @@ import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout this file belongs to
 PAD, BOS, EOS = 0, 1, 2  # the word-level tokenizer's special ids; prompts draw ids from 3 up
 
 
@@ -123,6 +127,23 @@ def guarded(sec: dict, what: str):
 
 # -------------------------------------------------------------------------------------------------
 # Models with random weights, made on the device and saved as Hugging Face folders
+
+def bootstrap_ttc(root: Path = ROOT) -> None:
+    """Make `ttc.*` the folders of the checkout at `root` (this one by default) without running ttc/__init__.py.
+
+    pyproject maps top-level folders into one package (ttc/ -> ttc, kernels/ -> ttc.kernels, search/ ->
+    ttc.search, ...). A bare package module whose __path__ is [root/ttc, root] resolves each to the same
+    folder, installed or not; ttc/__init__.py (which imports math_verify through the search layer) never runs.
+    """
+    here = Path(__file__).resolve().parent  # benchmarks/ holds search.py, serve.py...: keep them off sys.path
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != here]
+    spec = importlib.machinery.ModuleSpec("ttc", None, is_package=True)
+    spec.submodule_search_locations = [str(root / "ttc"), str(root)]
+    sys.modules["ttc"] = importlib.util.module_from_spec(spec)
+    import ttc.api
+
+    assert Path(ttc.api.__file__).resolve().is_relative_to(root.resolve()), f"ttc.api came from {ttc.api.__file__}"
+
 
 def word_level_tokenizer(vocab_size: int):
     """A tokenizer of vocab_size tokens "<unk>", "<s>", "</s>", "t3", ... made offline."""

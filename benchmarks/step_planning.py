@@ -7,8 +7,11 @@ tokens each, block size 16, as forked samples do.
 
     python benchmarks/step_planning.py [--before REV] [--reps 20]
 
---before REV also times `plan_decode` as it was at git revision REV (kernels/attention.py of that commit,
-imported from a temporary file), the peer this script compares against: ratios are before / now.
+--before REV also times `plan_decode` as it was at git revision REV (kernels/decode_plan.py of that commit, or
+kernels/attention.py before the plan had a module of its own; imported from a temporary file), the peer this
+script compares against: ratios are before / now (both planned cold). "groups kept": the same plan with a
+GroupCache holding the last step's segments, as the engine plans a decode loop's next step (its whole step:
+benchmarks/step_host.py).
 Prints ms per call, the best of 3 runs of --reps calls each, one thread (torch.set_num_threads(1)).
 """
 
@@ -39,10 +42,16 @@ def _ms(fn, reps: int) -> float:
 
 
 def _plan_at(rev: str):
-    """plan_decode from kernels/attention.py at git revision `rev` (it imports only torch)."""
+    """plan_decode from kernels/decode_plan.py (or, before it existed, kernels/attention.py) at git revision `rev`
+    (either imports only torch and numpy at run time)."""
     root = pathlib.Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/attention.py"], check=True,
-                            capture_output=True, text=True).stdout
+    for name in ("decode_plan.py", "attention.py"):
+        shown = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/{name}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            source = shown.stdout
+            break
+    else:
+        raise SystemExit(f"no kernels/decode_plan.py or kernels/attention.py at {rev}: {shown.stderr.strip()}")
     path = pathlib.Path(tempfile.mkdtemp()) / "attention_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("attention_before", path)
@@ -58,7 +67,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from ttc.kernels.attention import plan_decode
+    from ttc.kernels.decode_plan import GroupCache, plan_decode
     from ttc.kernels.bench_shared_prefix import forked_tables
 
     work_table = None
@@ -67,14 +76,16 @@ def main(argv=None) -> None:
     except Exception as e:  # noqa: BLE001 - reported, the plan is still timed
         print(f"(no work table: {type(e).__name__}: {e})")
     before = _plan_at(args.before) if args.before else None
-    header = ["rows", "context", "plan_decode ms"] + (["before ms", "before / now"] if before else [])
+    header = ["rows", "context", "plan_decode ms", "groups kept ms"] + (["before ms", "before / now"] if before else [])
     header += ["work table ms"] if work_table else []
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for B, prefix, own in CASES:
         tables, lengths = forked_tables(B, prefix, own, 16)
         now = _ms(lambda: plan_decode(tables, lengths, 16, dtype=torch.bfloat16), args.reps)
-        row = [str(B), f"{prefix} shared + {own} own", f"{now:.2f}"]
+        groups = GroupCache()  # the next step of the same rows: the last plan's segments handed back
+        kept = _ms(lambda: plan_decode(tables, lengths, 16, dtype=torch.bfloat16, groups=groups), args.reps)
+        row = [str(B), f"{prefix} shared + {own} own", f"{now:.2f}", f"{kept:.2f}"]
         if before:
             then = _ms(lambda: before(tables, lengths, 16, dtype=torch.bfloat16), args.reps)
             row += [f"{then:.2f}", f"{then / now:.1f}x"]

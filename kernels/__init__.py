@@ -6,7 +6,7 @@ reference, which is also the CPU fast path. `reference()` forces the references 
 | fast path | reference (CPU, oracle) | Triton twin (CUDA) |
 | --- | --- | --- |
 | decode attention over shared prefixes | `attention.decode_attention` | `attention_triton.decode_attention`; in a CUDA graph `decode_attention_static` (the same kernels over a fixed-capacity table, `static_work_table`) |
-| prefill attention (causal, cached prefix) | `attention.prefill_attention` (SDPA, masked) | none; CPU: `attention.prefill_attention_flash_cpu` |
+| prefill attention (causal, cached prefix) | `attention.prefill_attention` (SDPA, masked, one call per sequence) | none; CUDA: `attention.prefill_attention_batched` (the sequences padded into a few SDPA calls); CPU: `attention.prefill_attention_flash_cpu` |
 | RMSNorm (+ residual add) | `norm.rms_norm_reference` | `norm_triton.rms_norm` |
 | rotary embedding (in place on request) | `rotary.apply_rotary_reference` | `rotary_triton.apply_rotary` |
 | int4 linear (Q4_1 codes) and int8 head (Q8_0), float32 activations, CPU | `quant.Int4Linear.reference`, F.linear on the float head | none; x86 AVX2: `int4_cpu` (C++, built on first use) |
@@ -16,8 +16,9 @@ reference, which is also the CPU fast path. `reference()` forces the references 
 | temperature / top-k / top-p / min-p sampling, drawn in vocabulary order | `sampling.sample_reference` | `sampling_triton.sample` |
 
 Prefill attention has no Triton twin yet: on CPU it runs ATen's flash kernel in fixed tiles
-(`prefill_attention_flash_cpu`, whose rows do not depend on a cached prefix), elsewhere the reference
-(SDPA, which picks a fused kernel on CUDA).
+(`prefill_attention_flash_cpu`, whose rows do not depend on a cached prefix), on CUDA SDPA over the
+sequences padded into groups (`prefill_attention_batched`: a few calls a layer, not one per sequence;
+SDPA picks a fused kernel), elsewhere the reference.
 Sampling has one PyTorch implementation: the engine's sampler (`ttc.decoder.sampling.sample`) is an
 adapter over `sample` below, so a seed draws the same token on CPU and CUDA (up to float32 rounding
 at a boundary; see `sampling_triton`).

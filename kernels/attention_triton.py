@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._triton_util import cast_rtne
-from .attention import MAX_SEGMENTS, DecodePlan
+from .decode_plan import MAX_SEGMENTS, DecodePlan
 
 LOG2E = 1.4426950408889634
 BLOCK_M = 64  # queries per shared item's tile (rows * G, a power of two)
@@ -375,7 +375,8 @@ def _launch(q, k_cache, v_cache, table: WorkTable, o_part, lse_part, out, scale:
 
 def _bench():
     from ._timing import copy_bandwidth, floor_ms, time_ms
-    from .attention import decode_attention as cascade, decode_attention_naive, plan_decode
+    from .attention import decode_attention as cascade, decode_attention_naive
+    from .decode_plan import plan_decode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else None

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .attention import GatherWorkspace, decode_attention, decode_attention_naive, plan_decode
+from .attention import GatherWorkspace, decode_attention, decode_attention_naive
+from .decode_plan import plan_decode
 
 BRANCHES, PREFIX, OWN, BLOCK, HQ, HKV, D = 64, 512, 32, 16, 9, 3, 64
 

@@ -9,14 +9,16 @@ import importlib
 
 import torch
 
-from .attention import (MAX_SEGMENTS, DecodePlan, GatherWorkspace, PrefillSeq, SharedSegment, decode_attention as decode_attention_reference,
-                        decode_attention_naive, flash_cpu_takes, merge_states, plan_decode,
-                        prefill_attention as prefill_attention_reference, prefill_attention_flash_cpu)
+from .attention import (GatherWorkspace, PrefillBatch, PrefillSeq, decode_attention as decode_attention_reference,
+                        decode_attention_naive, flash_cpu_takes, merge_states,
+                        prefill_attention as prefill_attention_reference, prefill_attention_batched,
+                        prefill_attention_flash_cpu)
+from .decode_plan import MAX_SEGMENTS, DecodePlan, GroupCache, SharedSegment, plan_decode
 from .norm import rms_norm_cpu, rms_norm_reference
 from .rotary import apply_rotary_reference, apply_rotary_tables, rotary_tables
 from .sampling import sample_reference
 
-__all__ = ["DecodePlan", "GatherWorkspace", "PrefillSeq", "SharedSegment", "plan_decode", "merge_states", "decode_attention",
+__all__ = ["DecodePlan", "GatherWorkspace", "GroupCache", "PrefillBatch", "PrefillSeq", "SharedSegment", "plan_decode", "merge_states", "decode_attention",
            "decode_attention_naive", "prefill_attention", "rms_norm", "apply_rotary", "rotary_tables", "sample", "reference",
            "uses_triton", "has_triton", "triton_on_cpu", "static_work_table"]
 
@@ -98,8 +100,14 @@ def static_work_table(max_rows: int, num_q_heads: int, num_kv_heads: int, head_d
 
 
 def prefill_attention(q, k_cache, v_cache, seqs, scale: float):
-    """q (T, Hq, D); k_cache, v_cache (S, Hkv, D); seqs: each sequence's query rows and context slots."""
-    if not _force_reference and flash_cpu_takes(q):
+    """q (T, Hq, D); k_cache, v_cache (S, Hkv, D); seqs: each sequence's query rows and context slots.
+    CPU: ATen's flash kernel in fixed tiles; CUDA (and the CUDA path on the CPU, `triton_on_cpu`): the sequences
+    padded into a few SDPA calls; elsewhere, and under `reference()`, one SDPA call per sequence."""
+    if _force_reference:
+        return prefill_attention_reference(q, k_cache, v_cache, seqs, scale)
+    if q.is_cuda or _triton_on_cpu:
+        return prefill_attention_batched(q, k_cache, v_cache, seqs, scale)
+    if flash_cpu_takes(q):
         return prefill_attention_flash_cpu(q, k_cache, v_cache, seqs, scale)
     return prefill_attention_reference(q, k_cache, v_cache, seqs, scale)
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import DecodePlan, PrefillSeq
+from .attention import PrefillSeq
+from .decode_plan import DecodePlan
 
 LINEAR_ROWS = 64  # a linear never sees more rows than this in one library call
 KEY_CHUNK = 128  # keys per attention chunk; fixed for every row of every batch

@@ -287,7 +287,7 @@ def _shuffled_tree(seed: int, n_rows: int):
 @pytest.mark.parametrize("seed", range(30))
 def test_vectorized_block_grouping_equals_the_python_loop_on_random_trees_of_up_to_100_rows(seed):
     """Rows beyond 32 and 64 take several signature words; order, ties and the caps are the loop's exactly."""
-    from ttc.kernels.attention import shared_groups, shared_groups_loop
+    from ttc.kernels.decode_plan import shared_groups, shared_groups_loop
 
     rng, block_size, tables, lengths, table = _shuffled_tree(seed, random.Random(seed).choice([2, 9, 33, 70, 100]))
     caps = dict(max_segments=rng.choice([1, 3, 8]), min_shared_tokens=rng.choice([1, 16, 40]))
@@ -296,7 +296,7 @@ def test_vectorized_block_grouping_equals_the_python_loop_on_random_trees_of_up_
 
 
 def test_a_row_that_lists_a_block_twice_is_grouped_as_the_loop_groups_it():
-    from ttc.kernels.attention import shared_groups, shared_groups_loop
+    from ttc.kernels.decode_plan import shared_groups, shared_groups_loop
 
     tables = [[0, 1, 2, 2], [0, 1, 3, 4], [5, 1, 3, 6]]  # row 0 lists block 2 twice: its bits would carry
     lengths = [4 * 4] * 3
@@ -306,18 +306,68 @@ def test_a_row_that_lists_a_block_twice_is_grouped_as_the_loop_groups_it():
 
 
 def test_a_plan_large_enough_to_group_blocks_with_tensor_ops_equals_the_loops_plan(monkeypatch):
-    from ttc.kernels import attention
+    from ttc.kernels import decode_plan
 
     rng = random.Random(7)
     counter = iter(range(100_000))
     tables, lengths = _tree_tables(rng, 4, 300, lambda: next(counter))
     tables = [t + [next(counter) for _ in range(20)] for t in tables]  # long own parts: many full blocks
     lengths = [n + 20 * 4 for n in lengths]
-    assert sum(min(len(t), n // 4) for t, n in zip(tables, lengths)) >= attention.VECTORIZE_FROM
+    assert sum(min(len(t), n // 4) for t, n in zip(tables, lengths)) >= decode_plan.VECTORIZE_FROM
     fast = plan_decode(tables, lengths, 4, min_shared_tokens=1)
-    monkeypatch.setattr(attention, "VECTORIZE_FROM", 10 ** 9)
+    monkeypatch.setattr(decode_plan, "VECTORIZE_FROM", 10 ** 9)
     loop = plan_decode(tables, lengths, 4, min_shared_tokens=1)
     assert len(fast.segments) == len(loop.segments) > 1
     for a, b in zip(fast.segments, loop.segments):
         assert (a.rows is None and b.rows is None or torch.equal(a.rows, b.rows)) and torch.equal(a.slots, b.slots)
     assert torch.equal(fast.private_slots, loop.private_slots) and torch.equal(fast.private_bias, loop.private_bias)
+
+
+def _prefill_case(seed: int, n_seqs: int, hq: int, hkv: int, d: int = 16):
+    """Sequences with cached prefixes of random length (0 for a fresh prompt) and 1-40 new tokens each, their
+    contexts on scattered pool slots; every unwritten slot holds NaN, as torch.empty may."""
+    from ttc.kernels.attention import PrefillBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    pool = 4_000
+    k = torch.full((pool, hkv, d), float("nan"))
+    v = torch.full((pool, hkv, d), float("nan"))
+    free = list(range(pool))
+    rng.shuffle(free)
+    seqs, row = PrefillBatch(), 0
+    for _ in range(n_seqs):
+        cached, new = rng.choice([0, 0, rng.randint(1, 60), rng.randint(100, 300)]), rng.randint(1, 40)
+        slots = torch.tensor([free.pop() for _ in range(cached + new)])
+        k[slots], v[slots] = torch.randn(len(slots), hkv, d, generator=gen), torch.randn(len(slots), hkv, d, generator=gen)
+        seqs.append(PrefillSeq(row, row + new, slots))
+        row += new
+    return torch.randn(row, hq, d, generator=gen), k, v, seqs
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2)])
+def test_batched_prefill_equals_one_sdpa_call_per_sequence(seed, hq, hkv):
+    from ttc.kernels.attention import prefill_attention as reference, prefill_attention_batched
+
+    q, k, v, seqs = _prefill_case(seed, random.Random(seed).choice([1, 3, 17]), hq, hkv)
+    fast = prefill_attention_batched(q, k, v, seqs, 0.25)
+    assert torch.isfinite(fast).all()  # padding reads written slots only: the NaN in the rest never enters
+    torch.testing.assert_close(fast, reference(q, k, v, seqs, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_batched_prefill_groups_sequences_by_length_and_keeps_the_groups_for_every_layer():
+    """A 300-token context beside 1-token ones would pad them 300x: they go to another call."""
+    from ttc.kernels.attention import PrefillBatch, prefill_attention_batched
+
+    d = 8
+    k, v = torch.randn(1_000, 2, d), torch.randn(1_000, 2, d)
+    seqs = PrefillBatch([PrefillSeq(0, 300, torch.arange(300))]
+                        + [PrefillSeq(300 + i, 301 + i, torch.arange(400 + 10 * i, 410 + 10 * i)) for i in range(20)])
+    q = torch.randn(320, 4, d)
+    first = prefill_attention_batched(q, k, v, seqs, 0.3)
+    groups = seqs.groups
+    # the long one takes at most one short one along (2x its own area, the waste allowed); the rest share a call
+    shapes = [tuple(g.q_index.shape) for g in groups]
+    assert len(shapes) == 2 and shapes[0] in ((1, 300), (2, 300)) and shapes[1] == (21 - shapes[0][0], 1)
+    assert torch.equal(prefill_attention_batched(q, k, v, seqs, 0.3), first) and seqs.groups is groups

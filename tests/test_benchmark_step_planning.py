@@ -1,4 +1,4 @@
-"""benchmarks/step_planning.py prints one row per case, with the plan at another revision beside today's."""
+"""benchmarks/step_planning.py and step_host.py print one row per case, with another revision's beside today's."""
 
 from __future__ import annotations
 
@@ -17,4 +17,18 @@ def test_the_step_planning_benchmark_prints_every_case_with_a_ratio_to_the_revis
     assert len(rows) == len(module.CASES)
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[2]) > 0 and cells[4].endswith("x") and float(cells[4][:-1]) > 0
+        assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[5].endswith("x") and float(cells[5][:-1]) > 0
+
+
+def test_the_host_step_benchmark_prints_every_case_and_path_with_a_ratio_to_the_revision_given(capsys):
+    """The revision's engine runs in a child process from a `git archive` of it (here HEAD)."""
+    spec = importlib.util.spec_from_file_location("step_host", ROOT / "benchmarks" / "step_host.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--before", "HEAD", "--steps", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isalpha()]
+    rows = [r for r in rows if not r.startswith("| path")]
+    assert len(rows) == len(module.CASES) * len(module.PATHS)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] in module.PATHS and float(cells[4]) > 0 and float(cells[5]) > 0 and cells[6].endswith("x")

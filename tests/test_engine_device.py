@@ -28,7 +28,7 @@ from ttc.decoder.engine import Engine  # noqa: E402
 from ttc.decoder.graphs import DecodeGraphs  # noqa: E402
 from ttc.decoder.model import check_device_options  # noqa: E402
 from ttc.decoder.sampling import SamplingParams  # noqa: E402
-from ttc.kernels.attention import plan_decode  # noqa: E402
+from ttc.kernels.decode_plan import plan_decode  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                        reason="CPU tensors reach Triton only through its interpreter")

@@ -254,6 +254,7 @@ def test_paged_attention_keeps_float32_accuracy_over_wide_score_ranges_and_long_
 
 def test_cascade_decode_with_the_in_place_private_part_equals_the_naive_twin():
     from ttc.kernels import attention
+    from ttc.kernels.decode_plan import plan_decode
 
     gen = torch.Generator().manual_seed(6)
     block, Hkv, G, D = 4, 2, 3, 64
@@ -262,7 +263,7 @@ def test_cascade_decode_with_the_in_place_private_part_equals_the_naive_twin():
     lengths = [19, 14, 23]
     k_cache, v_cache = torch.randn(40, Hkv, D, generator=gen), torch.randn(40, Hkv, D, generator=gen)
     q = torch.randn(3, Hkv * G, D, generator=gen)
-    plan = attention.plan_decode(tables, lengths, block, min_shared_tokens=4)
+    plan = plan_decode(tables, lengths, block, min_shared_tokens=4)
     assert plan.segments  # the shared prefix is read once, merged with the in-place private parts
     fast = attention.decode_attention(q, k_cache, v_cache, plan, 0.125, int4_cpu.paged_partial)
     torch.testing.assert_close(fast, attention.decode_attention_naive(q, k_cache, v_cache, plan, 0.125),

@@ -21,7 +21,8 @@ pytest.importorskip("triton")
 
 from ttc import kernels  # noqa: E402
 from ttc.kernels import attention_triton, norm_triton, rotary_triton, sampling_triton  # noqa: E402
-from ttc.kernels.attention import decode_attention_naive, plan_decode  # noqa: E402
+from ttc.kernels.attention import decode_attention_naive  # noqa: E402
+from ttc.kernels.decode_plan import plan_decode  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -168,8 +168,11 @@ class GenerationBatch:
         engine = self.engine
         slots = [(r, i) for r in self.requests for i in r.active]
         batch = [r.seqs[i] for r, i in slots]
-        engine.forward([s for s in batch if s.logits is None])
-        logits = stacked_logits(batch)
+        todo = [s for s in batch if s.logits is None]
+        computed = engine.forward(todo)
+        # where every row was computed now (most steps), the forward's own (B, V) logits, rows in batch order
+        logits = (computed if computed is not None and len(todo) == len(batch) == computed.shape[0]
+                  else stacked_logits(batch))
         batch_params = [r.params[i] for r, i in slots]
         uniforms = [s.rng.uniform() if p.temperature > 0 else 0.0 for s, p in zip(batch, batch_params)]
         lse = torch.logsumexp(logits, dim=-1)  # (B,): the logprobs' and the confidences' normalizer, computed once

@@ -21,7 +21,7 @@ import contextlib
 import torch
 
 from ttc.budget import CannotAttempt, Ledger
-from ttc.kernels import GatherWorkspace, PrefillSeq, plan_decode, uses_triton
+from ttc.kernels import GatherWorkspace, GroupCache, PrefillBatch, PrefillSeq, plan_decode, uses_triton
 
 from . import cache
 from .batch import GenerationBatch
@@ -61,8 +61,10 @@ class Engine:
             self.graphs = DecodeGraphs(model, self.pool, capture=self.device.type == "cuda")
         self.prefix = PrefixCache(self.pool) if prefix_caching else None
         self.attention_workspace = GatherWorkspace()  # decode gathers write into kept buffers (see its docstring)
+        self.plan_groups = GroupCache()  # a decode step's shared segments, reused while the rows' blocks allow
         self.eos_ids = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
         self._params_flops = cfg.params_per_token_flops()
+        self._attention_flops_per_key = cfg.attention_flops(1)  # linear in the keys: one query, one key, all layers
 
     def on_device(self):
         """The engine's GPU as the current one (Triton launches and CUDA graphs use the current device, not their
@@ -149,32 +151,41 @@ class Engine:
         """Compute every pending token of seqs in one model call.
 
         Sets each seq's next-token logits. With all_logits/hidden, returns per seq the logits (n, V)
-        and hidden states (n, H) of its pending tokens (n = its pending count), else None.
+        and hidden states (n, H) of its pending tokens (n = its pending count); else the (B, V) next-token logits
+        of the sequences that had pending tokens, in order (each one's row is its `logits`), or None if none had.
         Prompt-like forwards (several tokens) enter the prefix cache unless cache_prefix is False.
         """
-        seqs = [s for s in seqs if s.num_pending or all_logits or hidden]
+        counts = [len(s.token_ids) - s.kv.num_tokens for s in seqs]  # each one's pending tokens
+        if all_logits or hidden:
+            if not all(counts):
+                raise ValueError("all_logits/hidden need pending tokens on every sequence")
+        elif not all(counts):
+            seqs, counts = [s for s, n in zip(seqs, counts) if n], [n for n in counts if n]
         if not seqs:
             return None
         bs = self.pool.block_size
-        for s in seqs:
-            if s.num_pending == 0:
-                raise ValueError("all_logits/hidden need pending tokens on every sequence")
-            self._with_eviction(lambda s=s: cache.reserve(self.pool, s.kv, s.num_pending))
-        counts = [s.num_pending for s in seqs]
-        tokens, positions, slots = [], [], []
         for s, n in zip(seqs, counts):
-            start = s.kv.num_tokens
-            tokens.extend(s.token_ids[start:])
-            positions.extend(range(start, start + n))
-            slots.extend(s.kv.slots(start, start + n, bs))
+            if s.kv.num_tokens + n > len(s.kv.blocks) * bs:  # its last block is full: it needs more
+                self._with_eviction(lambda s=s, n=n: cache.reserve(self.pool, s.kv, n))
         decode = all(n == 1 for n in counts)
+        if decode:  # one token each: written out, as this runs for every row of every step
+            positions = [s.kv.num_tokens for s in seqs]
+            tokens = [s.token_ids[p] for s, p in zip(seqs, positions)]
+            slots = [s.kv.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        else:
+            tokens, positions, slots = [], [], []
+            for s, n in zip(seqs, counts):
+                start = s.kv.num_tokens
+                tokens.extend(s.token_ids[start:])
+                positions.extend(range(start, start + n))
+                slots.extend(s.kv.slots(start, start + n, bs))
         dev = self.device
         logits = None
         if decode:
             # planned on the host; moved to the device only for an eager step (a graph's table is refilled in place)
-            attn = plan_decode([s.kv.blocks for s in seqs], [s.kv.num_tokens + 1 for s in seqs], bs,
+            attn = plan_decode([s.kv.blocks for s in seqs], [p + 1 for p in positions], bs,
                                min_shared_tokens=self.model.min_shared_tokens, dtype=self.model.dtype,
-                               workspace=self.attention_workspace)
+                               workspace=self.attention_workspace, groups=self.plan_groups)
             if self.graphs is not None and not hidden:
                 with self.on_device():
                     logits = self.graphs.run(tokens, positions, slots, attn)
@@ -182,9 +193,12 @@ class Engine:
                 attn = attn.to(dev)  # the reference reads the plan on the device; Triton's work table is built from
                 # the host plan and moved in one copy of its own (kernels/attention_triton.py)
         else:
-            attn, row = [], 0
-            for s, n in zip(seqs, counts):
-                attn.append(PrefillSeq(row, row + n, torch.tensor(s.kv.slots(0, s.kv.num_tokens + n, bs), device=dev)))
+            # every sequence's whole context, new tokens last: one copy to the device, then a view per sequence
+            contexts = [s.kv.slots(0, s.kv.num_tokens + n, bs) for s, n in zip(seqs, counts)]
+            views = torch.tensor([slot for c in contexts for slot in c], device=dev).split([len(c) for c in contexts])
+            attn, row = PrefillBatch(), 0
+            for n, view in zip(counts, views):
+                attn.append(PrefillSeq(row, row + n, view))
                 row += n
         h = None
         if logits is None:
@@ -195,10 +209,11 @@ class Engine:
                 logits, h = self.model(inputs[0], inputs[1], self.pool.k, self.pool.v, inputs[2], attn,
                                        logits_rows=rows, return_hidden=hidden)
         outputs = [] if (all_logits or hidden) else None
+        next_logits = None if all_logits else logits.unbind(0)  # row i's views in one call, not B indexings
         row = 0
         for i, (s, n) in enumerate(zip(seqs, counts)):
             s.kv.num_tokens += n
-            s.logits = logits[row + n - 1] if all_logits else logits[i]
+            s.logits = logits[row + n - 1] if all_logits else next_logits[i]
             if outputs is not None:
                 outputs.append((logits[row:row + n] if all_logits else None, h[row:row + n] if hidden else None))
             self._charge(s, n)
@@ -208,16 +223,17 @@ class Engine:
         if cache_prefix and not decode and self.prefix is not None:
             for s in seqs:
                 self.prefix.insert(s.token_ids[: s.kv.num_tokens], s.kv.blocks)
-        return outputs
+        return outputs if outputs is not None else logits
 
     def _charge(self, s: Sequence, n: int) -> None:
         start = s.kv.num_tokens - n
         # attention over context start+1 .. start+n: sum of an arithmetic series
         context = n * start + n * (n + 1) // 2
-        s.ledger.charge_flops(n * self._params_flops + self.cfg.attention_flops(1) * context)
-        for kind, count in s.uncharged.items():
-            charge_given(s.ledger, kind, count)
-        s.uncharged.clear()  # sampled tokens were charged as generated when they were drawn
+        s.ledger.charge_flops(n * self._params_flops + self._attention_flops_per_key * context)
+        if s.uncharged:  # sampled tokens were charged as generated when they were drawn
+            for kind, count in s.uncharged.items():
+                charge_given(s.ledger, kind, count)
+            s.uncharged.clear()
 
     # ---------------------------------------------------------------------------------------------
     # generation and scoring
