@@ -8,10 +8,16 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_the_step_planning_benchmark_prints_every_case_with_a_ratio_to_the_revision_given(capsys):
-    spec = importlib.util.spec_from_file_location("step_planning", ROOT / "benchmarks" / "step_planning.py")
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_the_step_planning_benchmark_prints_every_case_with_a_ratio_to_the_revision_given(capsys):
+    module = _benchmark("step_planning")
     module.main(["--before", "HEAD", "--reps", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == len(module.CASES)
@@ -22,9 +28,7 @@ def test_the_step_planning_benchmark_prints_every_case_with_a_ratio_to_the_revis
 
 def test_the_host_step_benchmark_prints_every_case_and_path_with_a_ratio_to_the_revision_given(capsys):
     """The revision's engine runs in a child process from a `git archive` of it (here HEAD)."""
-    spec = importlib.util.spec_from_file_location("step_host", ROOT / "benchmarks" / "step_host.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("step_host")
     module.main(["--before", "HEAD", "--steps", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isalpha()]
     rows = [r for r in rows if not r.startswith("| path")]
