@@ -82,15 +82,20 @@ def ms_per_step(engine, rows: int, prompt: int, stop: tuple[str, ...], steps: in
     return min(once() for _ in range(3)) / steps * 1e3
 
 
-def measure(steps: int) -> dict:
-    """{"path|rows|prompt|stop": ms per step} for every case, on the `ttc` imported now."""
+def measure(steps: int, paths: tuple[str, ...] = PATHS) -> dict:
+    """{"path|rows|prompt|stop": ms per step} for every case, on the `ttc` imported now, one thread."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = {}
-    for path in PATHS:
-        engine = engine_for(path, max(rows for rows, _, _ in CASES))
-        for rows, prompt, stop in CASES:
-            out[f"{path}|{rows}|{prompt}|{bool(stop)}"] = ms_per_step(engine, rows, prompt, stop, steps)
-    return out
+    try:
+        return {key: ms for path in paths for key, ms in _measure_path(path, steps).items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_path(path: str, steps: int) -> dict:
+    engine = engine_for(path, max(rows for rows, _, _ in CASES))
+    return {f"{path}|{rows}|{prompt}|{bool(stop)}": ms_per_step(engine, rows, prompt, stop, steps)
+            for rows, prompt, stop in CASES}
 
 
 def measure_at(rev: str, steps: int) -> dict:

@@ -42,7 +42,7 @@ def test_the_smoke_run_passes_parity_on_both_configs_without_math_verify_gguf_or
     assert "ttc/__init__.py ran: False" in done.stdout
     report = json.loads((out / "report.json").read_text())
     sections = {s["name"]: s for s in report["sections"]}
-    assert list(sections) == ["environment", "kernels", "parity", "attention", "throughput"]
+    assert list(sections) == ["environment", "kernels", "parity", "attention", "throughput", "host step"]
     kernel_checks = sections["kernels"]["checks"]
     assert len(kernel_checks) == 7 and all(c["passed"] and c["must"] for c in kernel_checks)
     assert all(s["status"] == "ok" for s in sections.values()), [(s["name"], s["error"]) for s in sections.values()]
@@ -52,6 +52,8 @@ def test_the_smoke_run_passes_parity_on_both_configs_without_math_verify_gguf_or
     assert Path(env["ttc imported from"]) == SCRIPT.parents[1] / "ttc"
     throughput = sections["throughput"]["tables"][0]["rows"]
     assert [row[2] for row in throughput] == [1, 4] and all(row[3] > 0 and row[4] > 0 for row in throughput)
+    host = sections["host step"]["tables"][0]["rows"]
+    assert len(host) == 5 and all(row[3] > 0 for row in host)
     markdown = (out / "report.md").read_text()
     assert "check PASS: llama: float32 greedy tokens equal transformers'" in markdown
     assert f"`python {SCRIPT} {out} --smoke`" in markdown
