@@ -180,3 +180,16 @@ def test_a_prm_run_on_the_cpu_resumes_a_folder_from_before_the_verifiers_device_
     old = {"model": {"spec": "smollm2-135m"}, "verifier": {"_target_": "ttc.verifiers.prm.PRMVerifier", "path": "x"}}
     check_resumable(old, tmp_path / "run.json", has_records=False)
     check_resumable({**old, "verifier": {**old["verifier"], "device": "cpu"}}, tmp_path / "run.json", has_records=True)
+
+
+def test_results_leave_the_engine_in_one_copy_per_dtype_with_their_values_shapes_and_nones():
+    from ttc.decoder.engine import to_host
+
+    tensors = [torch.arange(6.0).view(2, 3), None, torch.tensor([7, 8]), torch.full((4,), 0.5), torch.ones(0)]
+    moved = to_host(tensors, device=torch.device("cpu", 0))  # "another device": the move's path on a CPU
+    assert moved[1] is None
+    for before, after in zip(tensors, moved):
+        assert before is None or (torch.equal(before, after) and after.dtype == before.dtype)
+    storages = {t.untyped_storage().data_ptr() for t in moved if t is not None and t.dtype == torch.float32}
+    assert len(storages) == 1  # the three float32 tensors came over together
+    assert to_host(tensors)[0] is tensors[0]  # already on the CPU: nothing moves

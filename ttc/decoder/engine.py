@@ -33,9 +33,19 @@ from .sequence import CONFIDENCE_K, Completion, ConfidenceStop, ScoreResult, Seq
 from .tokenizer import Tokenizer
 
 
-def _host(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A result leaving the engine: on the CPU, where verifiers and callers compute."""
-    return t if t is None or t.device.type == "cpu" else t.cpu()
+def to_host(tensors: list[torch.Tensor | None], device: torch.device | str = "cpu") -> list[torch.Tensor | None]:
+    """Results leaving the engine, moved to the CPU (where verifiers and callers compute) in one copy per dtype,
+    not one per tensor: each copy off a GPU waits for it (a score of 64 continuations would wait ~190 times).
+    Tensors already there are returned as they are; `device` is for tests (a CPU-to-CPU move takes the same path)."""
+    device = torch.device(device)
+    moving = [i for i, t in enumerate(tensors) if t is not None and t.device != device]
+    out = list(tensors)
+    for dtype in {tensors[i].dtype for i in moving}:
+        ids = [i for i in moving if tensors[i].dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in ids]).to(device)
+        for i, part in zip(ids, torch.split(flat, [tensors[i].numel() for i in ids])):
+            out[i] = part.view(tensors[i].shape)
+    return out
 
 
 class PromptTooLong(CannotAttempt, ValueError):
@@ -276,15 +286,16 @@ class Engine:
                 self.extend(child, ids, charge=charge)
             if not logprobs:
                 outputs = self.forward(forks, hidden=True, cache_prefix=False)
-                return [ScoreResult(None, None, _host(h)) for _, h in outputs]
+                return [ScoreResult(None, None, h) for h in to_host([h for _, h in outputs])]
             outputs = self.forward(forks, all_logits=True, hidden=hidden, cache_prefix=False)
-            results = []
-            for (seq, ids), child, (logits, h) in zip(items, forks, outputs):
+            on_device = []  # per item: its given tokens' logprobs, the distribution after them, its hidden states
+            given = torch.tensor([t for _, ids in items for t in ids], device=self.device).split([len(i) for _, i in items])
+            for (seq, ids), tokens, (logits, h) in zip(items, given, outputs):
                 # logits row j predicts token j+1; the first given token is predicted by the branch's logits
                 prev = torch.cat([seq.logits[None], logits[:-1]])  # fork() computed seq's pending tokens
-                given = torch.tensor(ids, device=prev.device)
-                logprobs = torch.log_softmax(prev, -1).gather(1, given[:, None])[:, 0]
-                results.append(ScoreResult(_host(logprobs), _host(torch.log_softmax(logits[-1], -1)), _host(h)))
-            return results
+                on_device += [torch.log_softmax(prev, -1).gather(1, tokens[:, None])[:, 0],
+                              torch.log_softmax(logits[-1], -1), h]
+            moved = to_host(on_device)
+            return [ScoreResult(*moved[i:i + 3]) for i in range(0, len(moved), 3)]
         finally:
             self.release(forks)
