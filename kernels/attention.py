@@ -175,7 +175,7 @@ class PrefillBatch(list):
 
     def __init__(self, seqs=()):
         super().__init__(seqs)
-        self.groups: list[PrefillGroup] | None = None
+        self.groups: tuple | None = None  # ((device, query heads), [PrefillGroup, ...]) of the first call
 
 
 @dataclass(frozen=True)
@@ -190,12 +190,18 @@ class PrefillGroup:
 
 
 PREFILL_MAX_WASTE = 2.0  # a group's padded (query x key) area stays within this many times its sequences' own
+# a group's scores (heads x b x Tq x Tk) stay within this many elements, or within its first sequence's own: SDPA with
+# a mask may take its math path, which holds every score (and their softmax) at once; one sequence alone is what the
+# per-sequence reference holds too
+PREFILL_MAX_SCORES = 1 << 26
 
 
-def prefill_groups(seqs: list[PrefillSeq], device: torch.device, max_waste: float = PREFILL_MAX_WASTE):
+def prefill_groups(seqs: list[PrefillSeq], device: torch.device, heads: int = 1,
+                   max_waste: float = PREFILL_MAX_WASTE, max_scores: int = PREFILL_MAX_SCORES):
     """Sequences grouped for padded calls, longest context first: a sequence joins the current group while the
     padded area (b * Tq * Tk) stays within `max_waste` times the group's real one (plus 4,096, so that short
-    sequences share a call). Index tensors are built on the device from one (4, b) copy per group."""
+    sequences share a call) and the group's scores (heads * b * Tq * Tk) within `max_scores`. Index tensors are
+    built on the device from one (4, b) copy per group."""
     order = sorted(range(len(seqs)), key=lambda i: -seqs[i].slots.numel())
     flat = torch.cat([s.slots for s in seqs]) if len(seqs) > 1 else seqs[0].slots  # (sum Tk,)
     offsets = [0]
@@ -206,7 +212,8 @@ def prefill_groups(seqs: list[PrefillSeq], device: torch.device, max_waste: floa
         tq, tk = seqs[i].q_end - seqs[i].q_start, seqs[i].slots.numel()
         if current:
             big_k = seqs[current[0]].slots.numel()  # the first is the longest
-            if (len(current) + 1) * max(most_q, tq) * big_k > max_waste * (real + tq * tk) + 4096:
+            padded = (len(current) + 1) * max(most_q, tq) * big_k
+            if padded > max_waste * (real + tq * tk) + 4096 or heads * padded > max_scores:
                 chunks.append(current)
                 current, real, most_q = [], 0, 0
         current.append(i)
@@ -239,12 +246,15 @@ def prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     on a 24-layer model: ~10,000 launches a forward); here it is ~8 per group and layer, the groups' index
     tensors built once per forward (a PrefillBatch keeps them). The cost is the padding, bounded by
     PREFILL_MAX_WASTE. Twin: the reference, row for row up to the last bits of the softmax's sums."""
-    groups = seqs.groups if isinstance(seqs, PrefillBatch) else None
-    if groups is None:
-        groups = prefill_groups(seqs, q.device)
-        if isinstance(seqs, PrefillBatch):
-            seqs.groups = groups
     Hq, Hkv = q.shape[1], k_cache.shape[1]
+    key = (q.device, Hq)
+    kept = seqs.groups if isinstance(seqs, PrefillBatch) else None
+    if kept is not None and kept[0] == key:
+        groups = kept[1]
+    else:
+        groups = prefill_groups(seqs, q.device, Hq)
+        if isinstance(seqs, PrefillBatch):
+            seqs.groups = (key, groups)
     out = torch.empty_like(q)
     for g in groups:
         qs = q[g.q_index].transpose(1, 2)  # (b, Hq, Tq, D)

@@ -366,8 +366,21 @@ def test_batched_prefill_groups_sequences_by_length_and_keeps_the_groups_for_eve
                         + [PrefillSeq(300 + i, 301 + i, torch.arange(400 + 10 * i, 410 + 10 * i)) for i in range(20)])
     q = torch.randn(320, 4, d)
     first = prefill_attention_batched(q, k, v, seqs, 0.3)
-    groups = seqs.groups
+    groups = seqs.groups[1]
     # the long one takes at most one short one along (2x its own area, the waste allowed); the rest share a call
     shapes = [tuple(g.q_index.shape) for g in groups]
     assert len(shapes) == 2 and shapes[0] in ((1, 300), (2, 300)) and shapes[1] == (21 - shapes[0][0], 1)
-    assert torch.equal(prefill_attention_batched(q, k, v, seqs, 0.3), first) and seqs.groups is groups
+    assert torch.equal(prefill_attention_batched(q, k, v, seqs, 0.3), first) and seqs.groups[1] is groups
+
+
+def test_batched_prefill_keeps_each_group_s_scores_within_the_budget_a_sequence_alone_may_exceed():
+    """Sixteen 100-token prompts pad nothing, but 4 heads x 16 x 100 x 100 scores exceed a budget of 50,000: the
+    groups split, each within it; a single sequence over the budget is still a group of its own."""
+    from ttc.kernels.attention import prefill_groups
+
+    seqs = [PrefillSeq(100 * i, 100 * (i + 1), torch.arange(100 * i, 100 * (i + 1))) for i in range(16)]
+    groups = prefill_groups(seqs, torch.device("cpu"), heads=4, max_scores=50_000)
+    assert [g.q_index.shape[0] for g in groups] == [1] * 16  # 4 x 100 x 100 = 40,000 each; two would be 80,000
+    groups = prefill_groups(seqs, torch.device("cpu"), heads=4, max_scores=200_000)
+    assert [g.q_index.shape[0] for g in groups] == [5, 5, 5, 1]
+    assert len(prefill_groups(seqs[:1], torch.device("cpu"), heads=4, max_scores=10)) == 1

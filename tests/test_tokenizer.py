@@ -43,3 +43,12 @@ class _Rewriting:
 
 def test_a_tokenizer_whose_decode_rewrites_the_text_decodes_through_transformers(embedded_tokenizer):
     assert plain_backend(_Rewriting(embedded_tokenizer), samples=0) is None  # the probe text has " ,"
+
+
+class _Failing(_Rewriting):
+    def decode(self, ids, skip_special_tokens=False):
+        raise ValueError("cannot decode")
+
+
+def test_a_tokenizer_whose_decode_raises_on_a_probe_loads_and_decodes_through_transformers(embedded_tokenizer):
+    assert plain_backend(_Failing(embedded_tokenizer), samples=0) is None
