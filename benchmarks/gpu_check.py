@@ -175,6 +175,7 @@ def parity_one(ctx: Ctx, sec: dict, rows: list, bf16: list, i: int, arch: str, c
     branch = random_ids(s.branch_prompt, cfg["vocab_size"], seed=10 * i + 9)
     model = load_ttc(ctx, folder, "float32", kv_cache_gb=0.25)
     inputs, ours = ttc_greedy(model, prompts, branch, s.greedy_tokens)
+    note_graphs(sec, f"parity {arch}", model)
     del model
     exact_float32()  # again: loading must not have turned TF32 on for transformers' side
     theirs = exact = hf_greedy(ctx, hf, inputs, s.greedy_tokens)
@@ -192,6 +193,14 @@ def parity_one(ctx: Ctx, sec: dict, rows: list, bf16: list, i: int, arch: str, c
     same = sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b)) / sum(len(b) for b in theirs)
     bf16.append([arch, f"{sum(a == b for a, b in zip(ours, theirs))}/{len(ours)}", same, agreement(ours, theirs),
                  agreement(theirs, exact), agreement(ours, exact)])  # the last two: bfloat16's own noise
+
+
+def note_graphs(sec: dict, what: str, model) -> None:
+    """A note where the engine's CUDA graph capture failed (its decode steps then ran eagerly)."""
+    graphs = getattr(model.engine, "graphs", None)
+    if getattr(graphs, "disabled", None):
+        sec["notes"].append(f"{what}: CUDA graphs disabled after a failed capture ({graphs.disabled}); "
+                            "its decode steps ran eagerly")
 
 
 def parity_diagnosis(ctx: Ctx, arch: str, folder: Path, prompts: list, branch: list, theirs: list) -> list[str]:
@@ -369,6 +378,7 @@ def throughput_model(ctx: Ctx, sec: dict, rows: list, graphs: list | None, name:
                 check(sec, f"{name} N=64: ttc >= 3x transformers ({ours / theirs:.2f}x)", ours >= 3 * theirs,
                       must=False)
         last = time.monotonic() - t
+    note_graphs(sec, f"throughput {name}", model)
     del hf
     free(ctx)
     if graphs is not None:

@@ -193,3 +193,17 @@ def test_results_leave_the_engine_in_one_copy_per_dtype_with_their_values_shapes
     storages = {t.untyped_storage().data_ptr() for t in moved if t is not None and t.dtype == torch.float32}
     assert len(storages) == 1  # the three float32 tensors came over together
     assert to_host(tensors)[0] is tensors[0]  # already on the CPU: nothing moves
+
+
+@needs_interpreter
+def test_a_capture_that_fails_leaves_every_step_eager_with_the_same_tokens_and_one_warning(tiny_model, caplog):
+    """On the CPU a capture fails for want of CUDA, as one would on a GPU whose driver or ops refuse it."""
+    with kernels.reference():
+        expected, _, _ = _branches_run(_engine(tiny_model, cuda_graphs=False), SamplingParams(temperature=0))
+    engine = _engine(tiny_model, cuda_graphs=True)
+    engine.graphs.capture = True
+    with kernels.triton_on_cpu(), caplog.at_level("WARNING", logger="ttc.decoder.graphs"):
+        tokens, _, _ = _branches_run(engine, SamplingParams(temperature=0))
+    assert tokens == expected
+    assert engine.graphs.replays == 0 and engine.graphs.eager_steps == 4 and engine.graphs.disabled
+    assert len([r for r in caplog.records if "could not capture" in r.message]) == 1

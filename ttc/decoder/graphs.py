@@ -14,7 +14,9 @@ What a replay reads lives in fixed buffers, refilled in place before each replay
   (a sequence keeps its row past the next replay).
 
 A step runs eager instead (the engine's plain forward: same kernels, same plan) when B is beyond the largest
-bucket or its plan beyond the table's capacity. Twin: the same fixed-buffer forward without capture
+bucket or its plan beyond the table's capacity; and every step does once a capture has failed (a driver or an
+op that refuses capture: logged once as a warning, the reason kept in `disabled`), so a run loses its speed-up,
+not its results. Twin: the same fixed-buffer forward without capture
 (`capture=False`), which runs on any device (the tests run it on the CPU through Triton's interpreter), and
 the eager forward. Limits: greedy tokens may differ from eager ones only where a GPU's kernels round
 differently at a different row count (the padded bucket); prefill and scoring forwards are never captured.
@@ -57,6 +59,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.memory_pool = None  # one pool for every bucket's graph: outputs are copied out right after a replay
         self.replays = self.eager_steps = 0  # how often each path ran (tests, benchmarks)
+        self.disabled: str | None = None  # why a capture failed here; from then on every step runs eager
 
     def run(self, tokens: list[int], positions: list[int], slots: list[int], plan: DecodePlan) -> torch.Tensor | None:
         """Logits (B, V) float32 of one decode step (a new tensor), or None where the step must run eager.
@@ -65,7 +68,7 @@ class DecodeGraphs:
         bucket = next((b for b in self.buckets if b >= B), None)
         if self.copied is not None:
             self.copied.synchronize()  # the last step's copies out of the staging buffers have landed
-        if bucket is None or not self.table.fill(plan):
+        if self.disabled or bucket is None or not self.table.fill(plan):
             self.eager_steps += 1
             return None
         self.staging[:, :B] = torch.tensor([tokens, positions, slots])
@@ -77,7 +80,14 @@ class DecodeGraphs:
         if not self.capture:
             logits = self._forward(bucket)
         else:
-            graph, logits = self.graphs.get(bucket) or self._capture(bucket)
+            try:
+                graph, logits = self.graphs.get(bucket) or self._capture(bucket)
+            except Exception as e:  # noqa: BLE001 - whatever refused the capture, the eager step still runs
+                self.disabled = f"{type(e).__name__}: {e}".splitlines()[0]
+                log.warning("could not capture a CUDA graph of the decode step (%s); decode steps run eagerly",
+                            self.disabled)
+                self.eager_steps += 1
+                return None
             graph.replay()
         self.replays += 1
         return logits[:B].clone()
