@@ -103,6 +103,33 @@ class GroupCache:
         self._key: tuple | None = None  # (rows, block_size, max_segments, min_shared_tokens) they were found for
         self._cached: tuple | None = None  # (kept groups, segments)
         self.hits = self.misses = 0
+        # the last (B, width) block table and a copy of each row's block list it was written from
+        self._table: np.ndarray | None = None
+        self._lists: list[list[int]] | None = None
+
+    def table(self, block_tables: list[list[int]]) -> np.ndarray:
+        """The (B, width) int64 block table, padded with block 0, as a fresh array: the last step's with the rows
+        that changed rewritten (blocks appended: only those). Why: reading every row's list into an array cost
+        ~1.2 ms a step at 256 rows x 288 blocks; comparing each row with its copy costs ~0.15."""
+        width = max(1, max(len(t) for t in block_tables))
+        old, table = self._lists, self._table
+        if old is None or len(old) != len(block_tables):
+            self._lists = [list(t) for t in block_tables]
+            self._table = np.array([t + [0] * (width - len(t)) for t in block_tables], dtype=np.int64)
+            return self._table.copy()
+        if width > table.shape[1]:  # grown in steps of 64 blocks: a few rewrites of the array per long run
+            table = self._table = np.pad(table, ((0, 0), (0, width - table.shape[1] + 64)))
+        for i, (now, then) in enumerate(zip(block_tables, old)):
+            if now == then:
+                continue
+            k = len(then)
+            if len(now) >= k and now[:k] == then:
+                table[i, k:len(now)] = now[k:]
+            else:
+                table[i, :len(now)] = now
+                table[i, len(now):] = 0
+            old[i] = list(now)
+        return table[:, :width].copy()
 
     def lookup(self, full: list[list[int]], key: tuple):
         """(kept groups, segments) where grouping `full` (each row's full blocks now) would find the cached ones,
@@ -147,8 +174,10 @@ def plan_decode(block_tables: list[list[int]], lengths: list[int], block_size: i
     """
     B = len(block_tables)
     width = max(len(t) for t in block_tables)
-    # numpy reads the nested lists ~3x faster than torch.tensor (1.1 against 3.5 ms at 256 rows x 288 blocks)
-    table = torch.from_numpy(np.array([t + [0] * (width - len(t)) for t in block_tables], dtype=np.int64))
+    # numpy reads the nested lists ~3x faster than torch.tensor (1.1 against 3.5 ms at 256 rows x 288 blocks);
+    # a GroupCache keeps the last step's table and rewrites only the rows that changed
+    table = torch.from_numpy(groups.table(block_tables) if groups is not None
+                             else np.array([t + [0] * (width - len(t)) for t in block_tables], dtype=np.int64))
     n = torch.tensor(lengths, dtype=torch.long)
     offsets = torch.arange(block_size)
     full = key = cached = None

@@ -12,7 +12,8 @@ def _same_plan(a, b) -> bool:
     return (len(a.segments) == len(b.segments)
             and all((x.rows is None and y.rows is None or torch.equal(x.rows, y.rows)) and torch.equal(x.slots, y.slots)
                     for x, y in zip(a.segments, b.segments))
-            and torch.equal(a.private_slots, b.private_slots) and torch.equal(a.private_bias, b.private_bias))
+            and torch.equal(a.private_slots, b.private_slots) and torch.equal(a.private_bias, b.private_bias)
+            and torch.equal(a.block_table, b.block_table) and torch.equal(a.lengths, b.lengths))
 
 
 def _forked_rows(rng, block_size, next_block):
@@ -104,3 +105,21 @@ def test_the_engine_reuses_its_groups_and_samples_the_same_tokens_as_when_it_reg
         assert samples() == cached
     finally:
         engine.plan_groups = kept
+
+
+def test_the_kept_block_table_follows_rows_that_grow_shrink_are_replaced_and_outgrow_its_width():
+    cache = GroupCache()
+    steps = [
+        [[0, 1, 2], [0, 1, 3]],
+        [[0, 1, 2, 4], [0, 1, 3]],  # a block appended
+        [[0, 1, 2, 4], [5]],  # a row replaced by a shorter one
+        [[0, 1, 2, 4] + list(range(10, 80)), [5, 6]],  # wider than the table was, and another append
+        [[7], [5, 6]],  # the long row gone
+        [[7], [5, 6], [8]],  # another row
+    ]
+    for tables in steps:
+        expected = [t + [0] * (max(map(len, tables)) - len(t)) for t in tables]
+        assert cache.table(tables).tolist() == expected
+        previous = cache.table(tables)
+        previous[:] = -1  # the caller's copy: writing it leaves the cache's table alone
+        assert cache.table(tables).tolist() == expected
