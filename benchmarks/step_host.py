@@ -100,12 +100,12 @@ def _measure_path(path: str, steps: int) -> dict:
 
 def measure_at(rev: str, steps: int) -> dict:
     """measure() in a child process, on the ttc of git revision `rev`."""
-    folder = pathlib.Path(tempfile.mkdtemp(prefix=f"ttc-{rev}-"))
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(folder, filter="data")
-    child = subprocess.run([sys.executable, __file__, "--root", str(folder), "--steps", str(steps), "--json"],
-                           check=True, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix=f"ttc-{rev}-") as folder:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(folder, filter="data")
+        child = subprocess.run([sys.executable, __file__, "--root", folder, "--steps", str(steps), "--json"],
+                               check=True, capture_output=True, text=True)
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 

@@ -300,6 +300,18 @@ def shared_groups_loop(block_tables: list[list[int]], lengths: list[int], block_
             for rows, blocks in groups[:max_segments] if len(blocks) * block_size >= min_shared_tokens]
 
 
+def move_by_dtype(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """The tensors on `device`, moved in one copy per dtype (each copy between host and GPU pays a launch, and one
+    off the GPU a wait), as views into the copies: same shapes, in order."""
+    moved: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype in {t.dtype for t in tensors}:
+        ids = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in ids]).to(device)
+        for i, part in zip(ids, torch.split(flat, [tensors[i].numel() for i in ids])):
+            moved[i] = part.view(tensors[i].shape)
+    return moved
+
+
 def _plan_to(plan: DecodePlan, device: torch.device) -> DecodePlan:
     """The plan with every tensor on `device`: one host-to-device copy per dtype (index and bias tensors), not
     one per tensor (a plan holds ~10-30), then views into the copies."""
@@ -317,12 +329,7 @@ def _plan_to(plan: DecodePlan, device: torch.device) -> DecodePlan:
     segs = [(take(s.rows), take(s.slots)) for s in plan.segments]
     buckets = [(take(b.rows), take(b.slots), take(b.bias)) for b in plan.private_buckets]
     fields = [take(t) for t in (plan.private_slots, plan.private_bias, plan.block_table, plan.lengths, plan.bucket_unsort)]
-    moved: list[torch.Tensor | None] = [None] * len(tensors)
-    for dtype in {t.dtype for t in tensors}:
-        ids = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        flat = torch.cat([tensors[i].reshape(-1) for i in ids]).to(device)
-        for i, part in zip(ids, torch.split(flat, [tensors[i].numel() for i in ids])):
-            moved[i] = part.view(tensors[i].shape)
+    moved = move_by_dtype(tensors, device)
 
     def get(i):
         return None if i is None else moved[i]

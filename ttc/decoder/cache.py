@@ -97,9 +97,14 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def blocks_short(pool: KVPool, seq: KVSequence, new_tokens: int) -> int:
+    """Blocks seq lacks to hold new_tokens more tokens (0 where its blocks have room)."""
+    return max(0, blocks_needed(seq.num_tokens + new_tokens, pool.block_size) - len(seq.blocks))
+
+
 def reserve(pool: KVPool, seq: KVSequence, new_tokens: int) -> None:
     """Make sure seq owns blocks for new_tokens more tokens (its last block is private by construction)."""
-    extra = blocks_needed(seq.num_tokens + new_tokens, pool.block_size) - len(seq.blocks)
+    extra = blocks_short(pool, seq, new_tokens)
     if extra > 0:
         seq.blocks.extend(pool.allocate(extra))
 

@@ -22,6 +22,7 @@ import torch
 
 from ttc.budget import CannotAttempt, Ledger
 from ttc.kernels import GatherWorkspace, GroupCache, PrefillBatch, PrefillSeq, plan_decode, uses_triton
+from ttc.kernels.decode_plan import move_by_dtype
 
 from . import cache
 from .batch import GenerationBatch
@@ -40,11 +41,8 @@ def to_host(tensors: list[torch.Tensor | None], device: torch.device | str = "cp
     device = torch.device(device)
     moving = [i for i, t in enumerate(tensors) if t is not None and t.device != device]
     out = list(tensors)
-    for dtype in {tensors[i].dtype for i in moving}:
-        ids = [i for i in moving if tensors[i].dtype == dtype]
-        flat = torch.cat([tensors[i].reshape(-1) for i in ids]).to(device)
-        for i, part in zip(ids, torch.split(flat, [tensors[i].numel() for i in ids])):
-            out[i] = part.view(tensors[i].shape)
+    for i, t in zip(moving, move_by_dtype([tensors[i] for i in moving], device)):
+        out[i] = t
     return out
 
 
@@ -175,7 +173,7 @@ class Engine:
             return None
         bs = self.pool.block_size
         for s, n in zip(seqs, counts):
-            if s.kv.num_tokens + n > len(s.kv.blocks) * bs:  # its last block is full: it needs more
+            if cache.blocks_short(self.pool, s.kv, n):  # checked first: most decode rows need no block
                 self._with_eviction(lambda s=s, n=n: cache.reserve(self.pool, s.kv, n))
         decode = all(n == 1 for n in counts)
         if decode:  # one token each: written out, as this runs for every row of every step
