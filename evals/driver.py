@@ -126,9 +126,11 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def log_failure(problem: Problem, error: BaseException, saved: int, where) -> None:
-    log.error("problem %s failed (%s: %s); %d records are saved in %s, and the run resumes after them",
-              problem.id, type(error).__name__, error, saved, where)
+def log_failure(problem: Problem, error: BaseException, saved: int, where, traceback_in=None) -> None:
+    """One line; the traceback goes to `traceback_in` (failures.jsonl), not to the console."""
+    log.error("problem %s failed (%s: %s)%s; %d records are saved in %s, and the run resumes after them",
+              problem.id, type(error).__name__, error, f", traceback in {traceback_in}" if traceback_in else "",
+              saved, where)
 
 
 class Progress:

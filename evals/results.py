@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import traceback
 from pathlib import Path
 
 from ttc.budget import Ledger
@@ -118,8 +119,11 @@ class FailureLog:
         self.path = path
 
     def append(self, problem_id: str, error: BaseException, ledger: Ledger) -> None:
+        """One line: the error in one line, when, the work it did, and the traceback (for a bug report; the
+        console and the log get only the one line)."""
         _append_line(self.path, {"id": problem_id, "error": f"{type(error).__name__}: {error}",
-                                 "time": datetime.datetime.now().isoformat(timespec="seconds"), **ledger.as_dict()})
+                                 "time": datetime.datetime.now().isoformat(timespec="seconds"), **ledger.as_dict(),
+                                 "traceback": "".join(traceback.format_exception(error)).rstrip()})
 
     def load(self) -> list[dict]:
         """Every failed attempt so far, in order; a line cut short by a kill is skipped with a warning."""

@@ -99,8 +99,8 @@ def _solve(cfg: dict, dataset: Dataset, todo: list[Problem], done: dict, new: di
                 progress.update(record)
 
             def failed(problem: Problem, error: BaseException, ledger: Ledger) -> None:
-                log_failure(problem, error, len(done) + len(new), folder.results.path)
                 folder.failures.append(problem.id, error, ledger)
+                log_failure(problem, error, len(done) + len(new), folder.results.path, folder.failures.path)
 
             solve_all(todo, lambda: _solver(run, dataset), save, failed, run.engine, run.concurrency)
     except KeyboardInterrupt:

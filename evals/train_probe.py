@@ -5,7 +5,9 @@
 
 Without `out`, the probe goes to the cache path the eval runner looks in
 (~/.cache/ttc/probes/<model>-<task>-<hash>.pt), so a later `ttc-eval verifier=probe` with the same
-model, dataset and settings uses it. The path is printed as the last line of stdout.
+model, dataset and settings uses it, unless ttc ships a probe for the model (the embedded one has
+verifiers/probes/smollm2-135m.pt, which `verifier=probe` takes first): then pass `verifier.path=PATH`.
+The path is printed as the last line of stdout.
 """
 
 from __future__ import annotations

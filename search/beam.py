@@ -80,7 +80,11 @@ def prepare(selector: Selector | None, proposer, verifier, meter: Meter) -> Sele
     selector = selector if selector is not None else TopK()
     bind = getattr(selector, "bind", None)  # selectors that need the policy model (ETS's embeddings)
     if bind is not None:
-        bind(proposer)
+        bound = bind(proposer)  # a copy for this search: per-search state never lives on the shared config
+        if bound is None:
+            raise TypeError(f"{type(selector).__name__}.bind(proposer) must return the selector for this search "
+                            "(a copy holding its state), not None")
+        selector = bound
     (vb, vt), (sb, st) = verifier_cost(verifier), verifier_cost(selector)
     meter.verifier_cost = (vb + sb, vt + st)
     return selector

@@ -36,7 +36,7 @@ or a budget that cannot pay for the embedding) count as clusters of their own.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar, Iterable
 
 import numpy as np
@@ -198,11 +198,16 @@ class ETSSelector:
         """Verifier tokens per generated token: each step is run once more to embed it."""
         return 1.0 if self._embeds_hidden else 0.0
 
-    def bind(self, proposer) -> None:
-        """Take the policy's backend from the proposer; hidden-state embeddings need its HIDDEN_STATES."""
-        self._backend = proposer.backend
-        if self._embeds_hidden:
-            require(self._backend, HIDDEN_STATES, "strategy=ets (its coverage embeddings)")
+    def bind(self, proposer) -> "ETSSelector":
+        """This selector for one search: a copy holding the proposer's backend (hidden-state embeddings need its
+        HIDDEN_STATES) and an embedding cache of its own. The configured selector is shared by every search, and
+        by an eval's worker threads at once: one shared cache let a search evict another's entries mid-round
+        (KeyError at concurrency 8)."""
+        bound = replace(self)  # the init=False fields start fresh: no backend, an empty cache
+        bound._backend = proposer.backend
+        if bound._embeds_hidden:
+            require(bound._backend, HIDDEN_STATES, "strategy=ets (its coverage embeddings)")
+        return bound
 
     # -- selection -------------------------------------------------------------------------------
 

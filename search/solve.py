@@ -39,6 +39,10 @@ def solve(problem, strategy, model=None, verifier=None, budget: Budget | int | N
     meter = Meter(budget, ledger)
     started = time.perf_counter()
     try:
-        return strategy(problem, proposer, verifier, meter)
+        result = strategy(problem, proposer, verifier, meter)
     finally:
         meter.ledger.charge_wall(time.perf_counter() - started)
+    if not isinstance(result, Result):  # a hand-written strategy returning its answer: say how to build one
+        raise TypeError(f"strategy {getattr(strategy, '__name__', type(strategy).__name__)} returned "
+                        f"{type(result).__name__}, not a ttc.Result: end it with ttc.search.common.finish(...)")
+    return result

@@ -51,6 +51,31 @@ def test_threads_sharing_a_concurrent_engine_get_the_tokens_each_would_get_alone
         fresh_model.engine.pool.num_blocks
 
 
+def test_a_shared_models_generate_runs_on_the_concurrent_engine_and_gives_each_threads_own_samples(fresh_model):
+    from ttc.backends.local import SharedModel
+
+    prompts = ["one two", "three", "four five six", "seven"]
+    alone = [[c.token_ids for c in fresh_model.generate(p, n=2, max_new_tokens=5, seed=i, ignore_eos=True)]
+             for i, p in enumerate(prompts)]
+    fresh_model.engine.clear_prefix_cache()
+    shared_engine = ConcurrentEngine(fresh_model.engine)
+    calls = []
+    shared_engine.generate = lambda *a, _generate=shared_engine.generate, **k: calls.append(1) or _generate(*a, **k)
+    shared = SharedModel(fresh_model, shared_engine)
+    together: list = [None] * len(prompts)
+
+    def work(i):
+        together[i] = [c.token_ids for c in shared.generate(prompts[i], n=2, max_new_tokens=5, seed=i,
+                                                             ignore_eos=True)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone and len(calls) == len(prompts)  # every wave went through the lock, not around it
+
+
 def test_stop_strings_stay_per_request_in_a_shared_batch(fresh_model):
     text_alone = sample_alone(fresh_model.engine, [5, 6, 7], n=2, limit=30, seed=1, stop=["e"])
     shared = ConcurrentEngine(fresh_model.engine)
@@ -101,13 +126,18 @@ def test_concurrent_grants_under_tickets_never_add_up_to_more_than_the_pool():
     assert pool.held == 0 and pool.remaining == 1000 - 100 - cap_b
 
 
-def test_a_concurrent_run_writes_the_same_records_as_one_problem_at_a_time(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("strategy", [("strategy.n=2",),  # the default, self_consistency
+                                      # one configured ETS selector shared by the worker threads (its per-search
+                                      # embedding caches once collided: KeyError)
+                                      ("strategy=ets", "strategy.n=2", "strategy.expand=2", "strategy.max_depth=3",
+                                       "proposer.max_step_tokens=3")])
+def test_a_concurrent_run_writes_the_same_records_as_one_problem_at_a_time(tiny_llama_dir, tmp_path, strategy):
     from test_evals_runner import eval_config, tiny_overrides
 
     from ttc.evals.runner import run_eval
 
     def records(folder, *more):
-        cfg = eval_config(*tiny_overrides(tiny_llama_dir), "dataset.size=5", *more)
+        cfg = eval_config(*tiny_overrides(tiny_llama_dir, strategy), "dataset.size=5", *more)
         outcome = run_eval(cfg, folder)
         rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
         keys = ("answer", "correct", "candidates", "generated_tokens")

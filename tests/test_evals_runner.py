@@ -137,8 +137,8 @@ class BreaksOnce:
 
 
 @pytest.mark.parametrize("concurrency", [1, 2])
-def test_a_problem_that_raises_stops_the_run_and_its_partial_work_is_counted_when_resumed(tiny_cfg, tmp_path,
-                                                                                         monkeypatch, concurrency):
+def test_a_problem_that_raises_stops_the_run_keeps_its_traceback_and_its_partial_work_is_counted_when_resumed(
+        tiny_cfg, tmp_path, monkeypatch, concurrency):
     module = types.ModuleType("ttc.breaking_verifier_for_tests")
     module.BreaksOnce = BreaksOnce
     monkeypatch.setitem(sys.modules, module.__name__, module)
@@ -150,6 +150,8 @@ def test_a_problem_that_raises_stops_the_run_and_its_partial_work_is_counted_whe
     (failure,) = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert failure["id"].startswith("chain_sum-0-") and failure["error"] == "RuntimeError: the verifier broke"
     assert failure["generated_tokens"] > 0 and failure["prefill_tokens"] > 0 and failure["time"]
+    assert failure["traceback"].startswith("Traceback") and "in score" in failure["traceback"]
+    assert failure["traceback"].endswith("RuntimeError: the verifier broke")
     outcome = run_eval(cfg, tmp_path)  # the same command: the failed problem is solved again
     records = read_records(tmp_path)
     assert sorted(r["id"] for r in records) == ["chain_sum-0-0", "chain_sum-0-1", "chain_sum-0-2"]

@@ -13,6 +13,8 @@ from ttc.graph import Meter
 from ttc.backends.local import LocalProposer
 from ttc.search.best_of_n import BestOfN
 from ttc.search.self_consistency import SelfConsistency
+from ttc.search.common import finish
+from ttc.result import Tree
 
 
 def _pool_is_whole(model) -> bool:
@@ -119,22 +121,30 @@ def test_steps_end_at_the_stop_pattern_and_keep_it_in_the_branch_text(tiny_model
     proposer.release([child, root])
 
 
-def test_the_readme_composition_runs_and_returns_the_pool(tiny_model):
-    """The README's few-line strategy, verbatim in spirit: compose nodes without touching ttc's code."""
+def test_the_readme_composition_runs_through_solve_returns_a_result_and_returns_the_pool(tiny_model):
+    """The README's few-line strategy, verbatim: compose nodes without touching ttc's code."""
 
     def two_of_four(problem, proposer, verifier, meter):
         root = proposer.start(problem, meter)
-        firsts = proposer.propose([root], 4, meter)
+        firsts = proposer.propose([root], 4, meter)                 # 4 children share the prompt's KV
         scores = verifier.score(firsts, meter)
         ranked = [b for _, b in sorted(zip(scores, firsts), key=lambda p: -p[0])]
         done = proposer.complete(ranked[:2], meter)
         proposer.release([root] + ranked[2:] + done)
-        return proposer.answer(done[0]) if done else None
+        return finish("two_of_four", problem, proposer, meter, Tree(), done[0] if done else None, None)
 
     tiny_model.engine.clear_prefix_cache()
-    meter = Meter(ttc.Budget(tokens=2000))
-    proposer = LocalProposer(tiny_model, answer_fn=extract_answer, max_tokens=60)
-    two_of_four(ttc.Problem(id="p", prompt="What is 1+1?"), proposer, LengthVerifier(), meter)
-    assert meter.ledger.total_tokens <= 2000 and meter.ledger.generated_tokens > 0
+    res = ttc.solve("What is 1+1?", model=tiny_model, strategy=two_of_four, verifier=LengthVerifier(), budget=2000,
+                    max_tokens=60)
+    assert isinstance(res, ttc.Result) and res.strategy == "two_of_four" and res.text
+    assert res.ledger.total_tokens <= 2000 and res.ledger.generated_tokens > 0
     tiny_model.engine.clear_prefix_cache()
     assert tiny_model.engine.pool.num_free == tiny_model.engine.pool.num_blocks
+
+
+def test_solve_names_a_strategy_that_returns_no_result_in_one_line(tiny_model):
+    def answer_only(problem, proposer, verifier, meter):
+        return "2"
+
+    with pytest.raises(TypeError, match=r"^strategy answer_only returned str, not a ttc.Result: end it with "):
+        ttc.solve("What is 1+1?", model=tiny_model, strategy=answer_only)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import types
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,29 @@ def test_ets_covers_a_second_cluster_when_coverage_is_worth_it():
     scored = [Scored(a1, .6), Scored(a2, .59), Scored(b1, .3)]
     assert ETSSelector(lambda_kv=0.0, lambda_coverage=0.0, embed_fn=embed).select(scored, 2, Meter()) == [a1, a2]
     assert ETSSelector(lambda_kv=0.0, lambda_coverage=2.0, embed_fn=embed).select(scored, 2, Meter()) == [a1, b1]
+
+
+def test_ets_bind_gives_each_search_its_own_embedding_cache_and_leaves_the_configured_selector_alone():
+    """An eval's worker threads share one configured selector; one shared cache let a search evict another's
+    embeddings mid-round (a KeyError at concurrency 8)."""
+    root = Branch(handle=None)
+    step = Step("s", (1,), 0.0, "step")
+    a1, a2, b1 = (root.child(None, step, 0, False) for _ in range(3))
+    calls = []
+
+    def embed(branches, meter):
+        calls.append([b.id for b in branches])
+        return [[1.0, float(b.id)] for b in branches]
+
+    configured = ETSSelector(embed_fn=embed)
+    policy = types.SimpleNamespace(backend=object())
+    search_a, search_b = configured.bind(policy), configured.bind(policy)
+    assert search_a is not configured and search_a is not search_b and search_a._backend is policy.backend
+    first = search_a.embed([a1, a2], Meter())
+    search_b.embed([b1], Meter())  # the other search's round: it forgets only its own branches
+    again = search_a.embed([a1, a2], Meter())
+    assert calls == [[a1.id, a2.id], [b1.id]] and all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert configured._cache == {} and configured._backend is None
 
 
 def test_clusters_group_close_directions_and_leave_missing_embeddings_alone():

@@ -124,8 +124,7 @@ def test_ets_hidden_embeddings_cost_a_verifier_token_per_step_token_and_equal_st
     meter = Meter()
     root = proposer.start(PROBLEM, meter)
     children = proposer.propose([root], 3, meter)  # greedy: three equal steps
-    selector = ETSSelector(lambda_kv=0.0, lambda_coverage=1.0)
-    selector.bind(proposer)
+    selector = ETSSelector(lambda_kv=0.0, lambda_coverage=1.0).bind(proposer)
     before = meter.ledger.verifier_tokens
     vectors = selector.embed(children, meter)
     assert meter.ledger.verifier_tokens - before == sum(len(c.steps[-1].token_ids) for c in children)

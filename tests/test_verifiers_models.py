@@ -248,6 +248,26 @@ def test_prm_pool_returns_to_its_free_count_after_release_close_and_collection(t
     assert engine.pool.num_free == free == engine.pool.num_blocks
 
 
+class _TakenAfterTheTest(list):
+    """A dead-key list that another worker thread empties right after `while self._dead` saw a key left."""
+
+    def __bool__(self):
+        if len(self):
+            self.taken.append(list.pop(self))
+        return bool(len(self)) or bool(self.taken)
+
+
+def test_prm_sweep_survives_another_thread_taking_the_last_dead_key(tiny_model, step_tag_dir):
+    prm = PRMVerifier(tiny_model, str(step_tag_dir), dtype="float32", kv_cache_gb=0.02)
+    dropped = []
+    prm._drop = dropped.append
+    prm._dead = _TakenAfterTheTest([7, 8])
+    prm._dead.taken = []
+    prm._sweep()  # popped the list empty itself instead of testing it first: no IndexError
+    assert sorted(dropped + prm._dead.taken) == [7, 8] and len(prm._dead) == 0
+    prm.close()
+
+
 def test_prm_refuses_work_the_budget_cannot_pay_for(tiny_model, step_tag_prm):
     branch = make_branch(tiny_model, [{"role": "user", "content": "What is 5 + 5?"}], STEPS)
     free = step_tag_prm.engine.free_blocks()

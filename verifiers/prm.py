@@ -460,8 +460,14 @@ class PRMVerifier:
             self.engine.release([entry.seq])
 
     def _sweep(self) -> None:
-        while self._dead:
-            self._drop(self._dead.pop())
+        # Every worker thread sweeps the one shared list: pop until it is empty rather than test, then pop
+        # (another thread may take the last key between the two: IndexError).
+        while True:
+            try:
+                key = self._dead.pop()
+            except IndexError:
+                return
+            self._drop(key)
 
     def _value(self, scores: tuple[float, ...]) -> float:
         return float(_AGGREGATES[self.aggregate](scores)) if scores else 0.0

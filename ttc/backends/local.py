@@ -74,11 +74,15 @@ class LocalBackend:
 
 class SharedModel:
     """A model whose engine is a ConcurrentEngine (ttc.decoder.concurrent): give one to each thread's
-    proposer and verifiers. Everything else (tokenizer, config, dtype, generate) is the wrapped model's."""
+    proposer and verifiers. Everything else (tokenizer, config, dtype) is the wrapped model's; `generate` is
+    the wrapped model's method run on the shared engine, so it takes the engine's lock like every other call."""
 
     def __init__(self, model, engine):
         self._model, self.engine = model, engine
         self.backend = LocalBackend(self)
+
+    def generate(self, *args, **kwargs):
+        return type(self._model).generate(self, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._model, name)

@@ -68,6 +68,7 @@ class HttpClient:
         self._stop = threading.Event()  # set by cancel(): backoff sleeps wake up, requests fail
         self._cancelled: BaseException | None = None
         self.requests = 0  # HTTP attempts made (retries included), for tests and logs
+        self._requests_lock = threading.Lock()  # every worker thread and the pool's threads count here
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -97,7 +98,8 @@ class HttpClient:
         for attempt in range(self.retries + 1):
             self._check_cancelled()
             last = attempt == self.retries
-            self.requests += 1
+            with self._requests_lock:
+                self.requests += 1
             try:
                 response = self._http.request(method, path.lstrip("/"), json=body)
             except httpx.TransportError as e:  # refused, dropped, timed out
