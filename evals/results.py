@@ -8,7 +8,8 @@
   again, a run drops a partially written last line (a run killed while writing) with a warning and
   only solves the problems it does not yet hold: no record is repeated or lost.
 - failures.jsonl: one line per attempt that raised (the run stops; the problem runs again on
-  resume): its id, the error, when, and the partial ledger of the work it did before failing.
+  resume): its id, the error, when, the partial ledger of the work it did before failing, and the
+  traceback.
 - run.json: the config the folder was started with; resuming with a different one is refused,
   since the records would mix two experiments (RESUMABLE_CHANGES may differ). Each start also notes
   its shard and the summary's description of the run there (`note_run`), for `ttc.evals.merge`.

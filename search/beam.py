@@ -21,6 +21,7 @@ finished, the best open beam is completed (as far as the budget allows) and scor
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -160,12 +161,22 @@ def settle_round(frontiers: list[Frontier], children: list[list[Branch]], propos
         release(proposer, verifier, list(expanded.values()))
 
 
+# A first round that affords fewer tokens than this per child spends the budget on stubs of steps; said once.
+STARVED_STEP_TOKENS = 8
+
+
 def run_rounds(frontiers: list[Frontier], expand: int, max_depth: int, proposer, verifier, selector: Selector,
                meter: Meter, tree: Tree) -> None:
     for depth in range(1, max_depth + 1):
         live = [f for f in frontiers if f.fanout(expand)]
-        if not live or meter.generation_share(sum(f.fanout(expand) * len(f.beams) for f in live)) < 1:
+        wanted = sum(f.fanout(expand) * len(f.beams) for f in live)
+        share = meter.generation_share(wanted)
+        if not live or share < 1:
             return
+        if depth == 1 and share < STARVED_STEP_TOKENS:
+            warnings.warn(f"the first round's {wanted} children can draw only {share} token(s) each within the "
+                          f"budget ({meter.budget.tokens} tokens): lower the width (n) or expand, or raise the budget",
+                          RuntimeWarning, stacklevel=3)
         children = propose_round(live, expand, proposer, meter)
         if not any(children):
             return

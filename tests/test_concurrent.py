@@ -51,7 +51,7 @@ def test_threads_sharing_a_concurrent_engine_get_the_tokens_each_would_get_alone
         fresh_model.engine.pool.num_blocks
 
 
-def test_a_shared_models_generate_runs_on_the_concurrent_engine_and_gives_each_threads_own_samples(fresh_model):
+def test_a_shared_models_generate_has_the_engine_to_itself_and_gives_each_thread_its_own_samples(fresh_model):
     from ttc.backends.local import SharedModel
 
     prompts = ["one two", "three", "four five six", "seven"]
@@ -59,21 +59,30 @@ def test_a_shared_models_generate_runs_on_the_concurrent_engine_and_gives_each_t
              for i, p in enumerate(prompts)]
     fresh_model.engine.clear_prefix_cache()
     shared_engine = ConcurrentEngine(fresh_model.engine)
-    calls = []
-    shared_engine.generate = lambda *a, _generate=shared_engine.generate, **k: calls.append(1) or _generate(*a, **k)
-    shared = SharedModel(fresh_model, shared_engine)
-    together: list = [None] * len(prompts)
+    entered = []
+    exclusive = shared_engine.exclusive
+    shared_engine.exclusive = lambda: entered.append(1) or exclusive()
+    shared = SharedModel(SharedModel(fresh_model, shared_engine), shared_engine)  # nested: unwrapped once
+    together: list = [None] * (len(prompts) + 1)
 
     def work(i):
         together[i] = [c.token_ids for c in shared.generate(prompts[i], n=2, max_new_tokens=5, seed=i,
                                                              ignore_eos=True)]
 
+    def beside():  # a worker's own request on the shared batch at the same time
+        together[-1] = sample_alone(shared_engine, [5, 6, 7], n=2, limit=4, seed=9)
+
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    threads.append(threading.Thread(target=beside))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert together == alone and len(calls) == len(prompts)  # every wave went through the lock, not around it
+    fresh_model.engine.clear_prefix_cache()
+    assert together[:-1] == alone and len(entered) == len(prompts)
+    assert together[-1] == sample_alone(fresh_model.engine, [5, 6, 7], n=2, limit=4, seed=9)
+    assert fresh_model.engine.pool.num_free + fresh_model.engine.prefix.num_cached_blocks == \
+        fresh_model.engine.pool.num_blocks
 
 
 def test_stop_strings_stay_per_request_in_a_shared_batch(fresh_model):
@@ -127,8 +136,8 @@ def test_concurrent_grants_under_tickets_never_add_up_to_more_than_the_pool():
 
 
 @pytest.mark.parametrize("strategy", [("strategy.n=2",),  # the default, self_consistency
-                                      # one configured ETS selector shared by the worker threads (its per-search
-                                      # embedding caches once collided: KeyError)
+                                      # one configured ETS selector serves every worker thread (a per-search
+                                      # copy each: test_search_tree's bind test checks the copies stay apart)
                                       ("strategy=ets", "strategy.n=2", "strategy.expand=2", "strategy.max_depth=3",
                                        "proposer.max_step_tokens=3")])
 def test_a_concurrent_run_writes_the_same_records_as_one_problem_at_a_time(tiny_llama_dir, tmp_path, strategy):

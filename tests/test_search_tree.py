@@ -11,6 +11,7 @@ import itertools
 import math
 import random
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,17 @@ def test_beam_stops_when_the_budget_cannot_pay_for_another_round():
     assert result.answer == "aa!"  # the last 3 tokens complete the best open beam
     assert meter.ledger.total_tokens <= meter.budget.tokens
     assert proposer.live == set()
+
+
+def test_beam_warns_when_its_first_round_affords_only_stubs_of_steps():
+    proposer = FakeProposer(max_len=2, step_tokens=10)
+    # 5 prompt tokens, then 16 children: (5 + 16 * 3) // 16 = 3 tokens each
+    with pytest.warns(RuntimeWarning, match=r"^the first round's 16 children can draw only 3 token\(s\) each "
+                                            r"within the budget \(58 tokens\): lower the width"):
+        Beam(n=4, expand=4)(PROBLEM, proposer, TableVerifier({}), Meter(ttc.Budget(tokens=5 + 16 * 3 + 5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a round that affords whole steps says nothing
+        Beam(n=4, expand=4)(PROBLEM, FakeProposer(max_len=2), TableVerifier({}), Meter(ttc.Budget(tokens=5000)))
 
 
 def test_a_selector_that_keeps_fewer_beams_gives_the_survivors_more_children():
@@ -361,6 +373,18 @@ def test_ets_bind_gives_each_search_its_own_embedding_cache_and_leaves_the_confi
     again = search_a.embed([a1, a2], Meter())
     assert calls == [[a1.id, a2.id], [b1.id]] and all(np.array_equal(x, y) for x, y in zip(first, again))
     assert configured._cache == {} and configured._backend is None
+
+
+def test_a_selector_whose_bind_returns_nothing_is_refused_in_one_line():
+    class BindsInPlace:
+        def bind(self, proposer):
+            self.bound_to = proposer
+
+        def select(self, scored, k, meter):
+            return [s.branch for s in scored[:k]]
+
+    with pytest.raises(TypeError, match=r"^BindsInPlace.bind\(proposer\) must return the selector for this search"):
+        Beam(n=2, expand=2, selector=BindsInPlace())(PROBLEM, FakeProposer(), TableVerifier({}), Meter())
 
 
 def test_clusters_group_close_directions_and_leave_missing_embeddings_alone():

@@ -74,15 +74,23 @@ class LocalBackend:
 
 class SharedModel:
     """A model whose engine is a ConcurrentEngine (ttc.decoder.concurrent): give one to each thread's
-    proposer and verifiers. Everything else (tokenizer, config, dtype) is the wrapped model's; `generate` is
-    the wrapped model's method run on the shared engine, so it takes the engine's lock like every other call."""
+    proposer and verifiers. Everything else (tokenizer, config, dtype) is the wrapped model's; `generate` runs
+    the wrapped model's own with the engine to itself (the other threads' calls and decode steps wait), since
+    it drives the engine directly."""
 
     def __init__(self, model, engine):
         self._model, self.engine = model, engine
         self.backend = LocalBackend(self)
 
     def generate(self, *args, **kwargs):
-        return type(self._model).generate(self, *args, **kwargs)
+        model = self._model
+        while isinstance(model, SharedModel):
+            model = model._model
+        exclusive = getattr(self.engine, "exclusive", None)
+        if exclusive is None:  # not a ConcurrentEngine: nothing to wait for
+            return model.generate(*args, **kwargs)
+        with exclusive():
+            return model.generate(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._model, name)

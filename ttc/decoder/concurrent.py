@@ -29,6 +29,7 @@ is the same), and `peak_kv_bytes` is the pool's peak while the problem ran, othe
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from .batch import GenerationBatch, Request
@@ -70,6 +71,20 @@ class ConcurrentEngine:
                     self._state.notify_all()
 
         return locked
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The wrapped engine to the caller alone inside the block: every other thread's engine call and decode
+        step waits until it ends (a whole `Model.generate` of its own, say)."""
+        with self._state:
+            self._waiting_for_engine += 1
+        try:
+            with self._engine_lock:
+                yield self.engine
+        finally:
+            with self._state:
+                self._waiting_for_engine -= 1
+                self._state.notify_all()
 
     # -- generate: shared decode steps ------------------------------------------------------------
 
