@@ -135,11 +135,32 @@ def test_concurrent_grants_under_tickets_never_add_up_to_more_than_the_pool():
     assert pool.held == 0 and pool.remaining == 1000 - 100 - cap_b
 
 
-@pytest.mark.parametrize("strategy", [("strategy.n=2",),  # the default, self_consistency
-                                      # one configured ETS selector serves every worker thread (a per-search
-                                      # copy each: test_search_tree's bind test checks the copies stay apart)
-                                      ("strategy=ets", "strategy.n=2", "strategy.expand=2", "strategy.max_depth=3",
-                                       "proposer.max_step_tokens=3")])
+# Every search strategy, each with its configured object shared by the worker threads as in a real run: a
+# per-search value kept on it (ETS's embedding cache once was) would make a concurrent run differ or fail.
+STEPWISE = ("proposer.max_step_tokens=3",)
+CONCURRENT_CASES = {
+    "self_consistency": ("strategy.n=2",),
+    "best_of_n": ("strategy=best_of_n", "strategy.n=2"),
+    "greedy": ("strategy=greedy",),
+    "beam": ("strategy=beam", "strategy.n=2", "strategy.expand=2", "strategy.max_depth=3", *STEPWISE),
+    "dvts": ("strategy=dvts", "strategy.n=2", "strategy.subtrees=2", "strategy.expand=2", "strategy.max_depth=3",
+             *STEPWISE),
+    "ets": ("strategy=ets", "strategy.n=2", "strategy.expand=2", "strategy.max_depth=3", *STEPWISE),
+    "astar": ("strategy=astar", "strategy.n=2", "strategy.max_expansions=4", *STEPWISE),
+    "particle_gibbs": ("strategy=particle_filter", "strategy.n=2", "strategy.max_steps=3", "strategy.gibbs_sweeps=1",
+                       *STEPWISE),
+    "mcts": ("strategy=mcts", "strategy.n=2", "strategy.simulations=3", *STEPWISE),
+    "rebase": ("strategy=rebase", "strategy.n=2", "strategy.max_depth=3", *STEPWISE),
+    # a verifier on the shared engine (the policy judging forks of each branch), shared by the threads too; its
+    # scores are floats read off KV that decode steps shared with other threads' rows computed, so the batch
+    # invariant kernels (without them the scores move in the third decimal with the batch's shape)
+    "beam+self_eval": ("strategy=beam", "strategy.n=2", "strategy.expand=2", "strategy.max_depth=3", *STEPWISE,
+                       "verifier=self_eval", "model.batch_invariant=true"),
+    "best_of_n+calculator": ("strategy=best_of_n", "strategy.n=3", "verifier=calculator"),
+}
+
+
+@pytest.mark.parametrize("strategy", list(CONCURRENT_CASES.values()), ids=list(CONCURRENT_CASES))
 def test_a_concurrent_run_writes_the_same_records_as_one_problem_at_a_time(tiny_llama_dir, tmp_path, strategy):
     from test_evals_runner import eval_config, tiny_overrides
 
