@@ -386,6 +386,44 @@ def test_probe_fit_save_load_round_trip_gives_identical_scores(tiny_model, tmp_p
     assert engine.pool.num_free + engine.prefix.num_cached_blocks == engine.pool.num_blocks
 
 
+def test_an_interrupted_probe_fit_run_again_samples_only_the_problems_left_and_fits_the_same_probe(tiny_model,
+                                                                                                    tmp_path):
+    problems = [f"Count to {i}." for i in range(5)]
+    grade = _last_token_is_even(tiny_model)
+    settings = dict(samples_per_problem=6, max_tokens=8, seed=0, progress=False, temperature=1.0, chat=False,
+                    l2_grid=(1e-3,))
+    whole = ProbeVerifier.fit(tiny_model, problems, grade, path=str(tmp_path / "whole.pt"), **settings)
+    assert not (tmp_path / "whole.pt.rows").exists()  # the rows go once the probe is saved
+
+    graded = []
+
+    def stopped_at_the_fourth(problem, text):
+        if problem.id == "train-3":
+            raise KeyboardInterrupt
+        graded.append(problem.id)
+        return grade(problem, text)
+
+    path = tmp_path / "probe.pt"
+    with pytest.raises(KeyboardInterrupt):
+        ProbeVerifier.fit(tiny_model, problems, stopped_at_the_fourth, path=str(path), **settings)
+    assert sorted(f.name for f in (tmp_path / "probe.pt.rows").glob("*.pt")) == ["000000.pt", "000001.pt", "000002.pt"]
+    graded.clear()
+
+    def counting(problem, text):
+        graded.append(problem.id)
+        return grade(problem, text)
+
+    resumed = ProbeVerifier.fit(tiny_model, problems, counting, path=str(path), **settings)
+    assert set(graded) == {"train-3", "train-4"}  # the first three problems were not sampled again
+    assert resumed.metadata["rows"] == whole.metadata["rows"] == 30
+    assert resumed.metadata["ledger"]["generated_tokens"] == whole.metadata["ledger"]["generated_tokens"]
+    assert torch.equal(resumed.probe.weight, whole.probe.weight) and not (tmp_path / "probe.pt.rows").exists()
+    with pytest.raises(ValueError, match=r"holds samples of another probe training .*: delete it to start over$"):
+        (tmp_path / "other.pt.rows").mkdir()
+        (tmp_path / "other.pt.rows" / "key.json").write_text("{}")
+        ProbeVerifier.fit(tiny_model, problems, grade, path=str(tmp_path / "other.pt"), **settings)
+
+
 def test_probe_fit_per_step_labels_every_partial_solution(tiny_model):
     problems = [f"List {i} colours." for i in range(4)]
     probe = ProbeVerifier.fit(tiny_model, problems, _last_token_is_even(tiny_model), samples_per_problem=4,

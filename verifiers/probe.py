@@ -14,11 +14,14 @@ of the training problems), reports AUC and accuracy on held-out problems, and sa
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
+import os
 import pickle
 import random
 import re
+import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ttc.budget import Ledger
 from ttc.graph import HIDDEN_STATES, Branch, Meter, as_problem, backend_of, require
 from ttc.verifiers.self_eval import DEFAULT_QUESTION, PLAIN_TEMPLATE, judge_suffix_text, uses_chat
 
@@ -170,6 +174,38 @@ def fit_rows(x: torch.Tensor, y: torch.Tensor, groups: list, held_out: float = 0
 # the verifier
 
 
+class _RowStore:
+    """A fit's finished problems on disk, one file each ({x: (N, F) features, y: labels, ledger}), written whole
+    (temp file, then rename), so Ctrl-C or a kill loses at most the problem being sampled. `key` (the problem ids
+    and the sampling and feature settings) is checked on every run: rows drawn otherwise are never mixed in."""
+
+    def __init__(self, folder: Path, key: dict):
+        self.folder, self.resumed = folder, 0
+        key_file = folder / "key.json"
+        text = json.dumps(key, sort_keys=True, default=str)
+        if key_file.is_file() and key_file.read_text(encoding="utf-8") != text:
+            raise ValueError(f"{folder} holds samples of another probe training (other problems or settings): "
+                             "delete it to start over")
+        folder.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(text, encoding="utf-8")
+
+    def load(self, index: int) -> dict | None:
+        file = self.folder / f"{index:06d}.pt"
+        if not file.is_file():
+            return None
+        self.resumed += 1
+        return torch.load(file, weights_only=True)
+
+    def save(self, index: int, rows: dict) -> None:
+        file = self.folder / f"{index:06d}.pt"
+        temp = file.with_suffix(".tmp")
+        torch.save(rows, temp)
+        os.replace(temp, file)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class ProbeVerifier:
     """Scores a branch with a trained probe's probability that it is (or will end) correct.
 
@@ -261,7 +297,9 @@ class ProbeVerifier:
         """Train a probe on the model's own solutions to `problems` (training problems only).
 
         Each problem gets `samples_per_problem` sampled solutions (at most `max_tokens` tokens each),
-        labelled by `grade_fn(problem, text)`. With per_step, solutions are sampled step by step and
+        labelled by `grade_fn(problem, text)`. With `path`, each problem's rows are also kept in `path`.rows/ as
+        it finishes, so an interrupted fit run again with the same arguments samples only the problems left
+        (each problem's samples depend on its id and `seed` only); the folder goes once the probe is saved. With per_step, solutions are sampled step by step and
         every partial solution is a training row labelled with its solution's final grade (a value
         probe for step-wise search). `held_out` of the problems are kept out of training to report
         AUC/accuracy; the L2 strength is chosen on a validation split of the rest.
@@ -277,17 +315,29 @@ class ProbeVerifier:
                     for i, p in enumerate(problems)]
         if not problems:
             raise ValueError("fit needs training problems")
-        meter = Meter()
         proposer = LocalProposer(model, max_tokens=max_tokens, max_step_tokens=max_tokens, temperature=temperature,
                                  seed=seed, answer_fn=lambda text: None)  # rows are graded by grade_fn, not answers
-        xs, ys, groups = [], [], []
+        store = None if path is None else _RowStore(Path(str(path) + ".rows"), {
+            "problems": [p.id for p in problems], "samples_per_problem": samples_per_problem, "max_tokens": max_tokens,
+            "temperature": temperature, "per_step": per_step, "seed": seed, "feature": out.spec})
+        xs, ys, groups, ledgers = [], [], [], []
         bar = tqdm(problems, desc="probe: sampling", disable=not progress)
         for g, problem in enumerate(bar):
-            feats, labels = out._rollouts(proposer, problem, grade_fn, samples_per_problem, per_step, meter)
-            xs.append(feats)
-            ys.extend(labels)
-            groups.extend([g] * len(labels))
+            saved = store.load(g) if store is not None else None
+            if saved is None:
+                meter = Meter()  # one per problem: its cost is kept with its rows
+                feats, labels = out._rollouts(proposer, problem, grade_fn, samples_per_problem, per_step, meter)
+                saved = {"x": feats, "y": labels, "ledger": meter.ledger.as_dict()}
+                if store is not None:
+                    store.save(g, saved)
+            xs.append(saved["x"])
+            ys.extend(saved["y"])
+            groups.extend([g] * len(saved["y"]))
+            ledgers.append(Ledger.from_record(saved["ledger"]))
             bar.set_postfix(rows=len(ys), correct=f"{sum(ys) / max(1, len(ys)):.2f}")
+        if store is not None and store.resumed:
+            log.info("probe: %d of %d problems' samples were kept from an interrupted run (%s)", store.resumed,
+                     len(problems), store.folder)
         x, y = torch.cat(xs), torch.tensor(ys, dtype=torch.float64)
         if y.min() == y.max():
             raise ValueError(f"every sampled solution was graded {bool(y[0])}: a probe needs both correct and "
@@ -297,7 +347,7 @@ class ProbeVerifier:
         fitted.pop("held_out_rows")
         out.metadata = {**fitted, "problems": len(problems), "rows": len(ys), "samples_per_problem": samples_per_problem,
                         "max_tokens": max_tokens, "temperature": temperature, "per_step": per_step, "seed": seed,
-                        "ledger": meter.ledger.as_dict(), "created": datetime.datetime.now().isoformat()}
+                        "ledger": Ledger.sum(ledgers).as_dict(), "created": datetime.datetime.now().isoformat()}
         h = fitted["metrics"]["held_out"]
         line = (f"probe: {len(ys)} rows from {len(problems)} problems ({y.mean():.0%} correct), l2={fitted['l2']:g}; "
                 f"held-out AUC {h['auc']:.3f}, accuracy {h['accuracy']:.3f} on {h['n']} rows")
@@ -306,6 +356,7 @@ class ProbeVerifier:
             print(line)
         if path is not None:
             out.save(path)
+            store.remove()
         return out
 
     def _rollouts(self, proposer, problem, grade_fn, n: int, per_step: bool, meter: Meter):
