@@ -161,7 +161,8 @@ def settle_round(frontiers: list[Frontier], children: list[list[Branch]], propos
         release(proposer, verifier, list(expanded.values()))
 
 
-# A first round that affords fewer tokens than this per child spends the budget on stubs of steps; said once.
+# A first round that affords fewer tokens than this per child spends the budget on stubs of steps: a RuntimeWarning
+# (Python's filter shows each distinct message once, so an eval of like problems says it once).
 STARVED_STEP_TOKENS = 8
 
 

@@ -287,7 +287,8 @@ class Engine:
                 return [ScoreResult(None, None, h) for h in to_host([h for _, h in outputs])]
             outputs = self.forward(forks, all_logits=True, hidden=hidden, cache_prefix=False)
             on_device = []  # per item: its given tokens' logprobs, the distribution after them, its hidden states
-            given = torch.tensor([t for _, ids in items for t in ids], device=self.device).split([len(i) for _, i in items])
+            given = torch.tensor([t for _, ids in items for t in ids], device=self.device)
+            given = given.split([len(ids) for _, ids in items])
             for (seq, ids), tokens, (logits, h) in zip(items, given, outputs):
                 # logits row j predicts token j+1; the first given token is predicted by the branch's logits
                 prev = torch.cat([seq.logits[None], logits[:-1]])  # fork() computed seq's pending tokens
