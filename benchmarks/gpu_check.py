@@ -243,17 +243,24 @@ def shared_prefix_case(ctx: Ctx, B: int, prefix: int, own: int, hq: int, hkv: in
 def attention(ctx: Ctx, sec: dict) -> None:
     bw = None
     if ctx.device == "cuda":
-        from ttc.kernels._timing import copy_bandwidth
+        from ttc.kernels._timing import copy_bandwidth, launch_floor_ms
 
         bw = copy_bandwidth()
+        ctx.launch_ms = launch_floor_ms(3)  # the kernel is three launches: two partial passes and the merge
         sec["notes"] += [f"copy bandwidth (1 GiB device-to-device, read + write): {bw / 1e9:,.0f} GB/s",
-                         "the floor leaves out launch latency (3 launches of a few us each), so a case of a few MB "
-                         "is launch-bound; the kernel's work table is memoized per plan, its CPU cost is 'plan ms'"]
+                         "'kernel ms' replays the call from a CUDA graph (triton's do_bench_cudagraph), as the "
+                         "engine's decode steps run; 'eager ms' launches it from Python each time, which for a case of "
+                         "a few MB is the host's time, not the GPU's",
+                         "graph replays do not flush the L2 (50 MB on an H100/H200), so a case smaller than it reads "
+                         "partly from cache and can beat the floor; the floor leaves out launch latency (3 launches)",
+                         "the kernel's work table is memoized per plan; its CPU cost per step is 'plan ms'",
+                         f"three one-element kernels replayed from a graph take {ctx.launch_ms * 1e3:.1f} us: 'x "
+                         "(floor + launches)' divides the kernel's time by the floor plus that"]
     else:
         sec["notes"].append("CPU run: no Triton kernel and no bandwidth floor; the PyTorch reference is timed")
     rows = table(sec, f"{'bfloat16' if bw else 'float32'} decode attention, block size 16 (bytes: the shared prefix "
                  "once, each row's own tokens, K and V, + q + out)",
-                 ["B", "prefix", "own", "Hq", "Hkv", "D", "MB", "kernel ms", "floor ms", "x floor", "GB/s",
+                 ["B", "prefix", "own", "Hq", "Hkv", "D", "MB", "kernel ms (graph)", "eager ms", "floor ms", "x floor", "x (floor + launches)", "GB/s",
                   "reference ms", "plan ms (CPU)", "max err", "reference err"])
     for case in ctx.sizes.attention:
         with guarded(sec, f"attention {case}"):
@@ -266,7 +273,8 @@ def attention_case(ctx: Ctx, sec: dict, rows: list, bw: float | None, B: int, pr
     """One case: time the kernel (the Triton one on CUDA; on the CPU the reference is the fast path) and check its
     error against float64 at most ~twice the reference's own (the STYLE rule), + 1e-3."""
     from ttc.kernels import attention as ref
-    from ttc.kernels._timing import floor_ms, time_ms
+    from ttc.kernels._timing import floor_ms, graph_ms, time_ms
+    from ttc.kernels.decode_plan import plan_decode
 
     q, k, v, plan, tables = shared_prefix_case(ctx, B, prefix, own, hq, hkv, d, torch.bfloat16 if bw else torch.float32)
     scale = d ** -0.5
@@ -276,18 +284,21 @@ def attention_case(ctx: Ctx, sec: dict, rows: list, bw: float | None, B: int, pr
 
         kernel = tri.decode_attention
         t = time.perf_counter()  # the engine's per-step CPU cost: the plan, then the kernel's work table
-        p = ref.plan_decode(tables, [prefix + own] * B, 16, dtype=q.dtype).to(ctx.device)
+        p = plan_decode(tables, [prefix + own] * B, 16, dtype=q.dtype).to(ctx.device)
         tri.build_work_table(p, tri.BLOCK_M // (hq // hkv), tri.CHUNK, q.device)
         plan_ms = (time.perf_counter() - t) * 1e3
-    ms = time_ms(lambda: kernel(q, k, v, plan, scale), ctx.device)
+    ms = eager_ms = time_ms(lambda: kernel(q, k, v, plan, scale), ctx.device)
+    if bw:  # the engine replays decode steps as CUDA graphs: time the kernel so, the eager figure beside it
+        ms = graph_ms(lambda: kernel(q, k, v, plan, scale))
     ref_ms = time_ms(lambda: ref.decode_attention(q, k, v, plan, scale), ctx.device)
     exact = ref.decode_attention_naive(q.double(), k.double(), v.double(), plan, scale)
     err = (kernel(q, k, v, plan, scale).double() - exact).abs().max().item()
     ref_err = (ref.decode_attention(q, k, v, plan, scale).double() - exact).abs().max().item()
     nbytes = ((prefix + B * own) * hkv * d * 2 + 2 * B * hq * d) * k.element_size()
     floor = floor_ms(nbytes, bw) if bw else None
-    rows.append([B, prefix, own, hq, hkv, d, nbytes / 1e6, ms, floor, floor and ms / floor, nbytes / ms / 1e6,
-                 ref_ms, plan_ms, err, ref_err])
+    with_launches = floor and ms / (floor + ctx.launch_ms)
+    rows.append([B, prefix, own, hq, hkv, d, nbytes / 1e6, ms, eager_ms if bw else None, floor, floor and ms / floor,
+                 with_launches, nbytes / ms / 1e6, ref_ms, plan_ms, err, ref_err])
     name = f"B={B} prefix={prefix} own={own} Hq={hq} Hkv={hkv} D={d}"
     check(sec, f"{name}: error within 2x the reference's (+1e-3)", err <= 2 * ref_err + 1e-3)
     if bw:
@@ -446,7 +457,7 @@ def run_section(ctx: Ctx, fn, sec: dict) -> None:
     free(ctx)
 
 
-def run(ctx: Ctx, report: Report) -> int:
+def run(ctx: Ctx, report: Report, only: set[str] | None = None) -> int:
     def alarm(*_):
         if ctx.armed:
             raise Deadline()
@@ -454,6 +465,8 @@ def run(ctx: Ctx, report: Report) -> int:
     signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, max(ctx.left(), 0.001))
     for name, fn, need in SECTIONS:
+        if only and name not in only and name != "environment":  # the environment always heads the report
+            continue
         sec = report.section(name)
         need = need if ctx.device == "cuda" else 0.5
         if ctx.left() < need:
@@ -471,6 +484,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="where report.md and report.json are written")
     parser.add_argument("--smoke", action="store_true", help="every section on the CPU with tiny models (CI)")
+    parser.add_argument("--only", action="append", choices=[name for name, _, _ in SECTIONS],
+                        help="run just this section (repeatable), after the environment: a rerun of one that failed")
     args = parser.parse_args(argv[1:])
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_check: needs a CUDA GPU (torch sees none); `--smoke` checks this script on the CPU",
@@ -482,7 +497,7 @@ def main(argv: list[str]) -> int:
         ctx = Ctx("cuda" if not args.smoke else "cpu", GPU if not args.smoke else SMOKE, Path(tmp))
         report = Report(args.out_dir, ctx, argv)
         report.write()
-        rc = run(ctx, report)
+        rc = run(ctx, report, set(args.only or ()))
     log(f"report: {args.out_dir / 'report.md'}; exit {rc}")
     return rc
 

@@ -41,6 +41,7 @@ class Ctx:
     sizes: object  # gpu_check.Sizes
     tmp: Path  # the model folders
     armed: bool = False  # inside a section: the deadline's alarm raises there only, never while reporting
+    launch_ms: float = 0.0  # three tiny kernels replayed from a CUDA graph (the attention section measures it)
 
     def left(self) -> float:
         return STARTED + self.sizes.deadline_s - time.monotonic()

@@ -20,6 +20,27 @@ def time_ms(fn, device: str, reps: int = 10) -> float:
     return (time.perf_counter() - t) / reps * 1e3
 
 
+def graph_ms(fn) -> float:
+    """Milliseconds per call with the host taken out: triton.testing.do_bench_cudagraph replays calls captured in
+    a CUDA graph, as the engine's decode steps run. A call of a few microseconds of GPU work is otherwise timed as
+    its Python and launch overhead. Limit: no L2 flush between calls, so inputs under the L2's size run warm."""
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn)
+
+
+def launch_floor_ms(launches: int, device: str | torch.device = "cuda") -> float:
+    """Milliseconds for `launches` one-element kernels replayed from a CUDA graph: the time a multi-launch kernel
+    takes even with no bytes to move, which the bandwidth floor leaves out."""
+    x = torch.zeros(1, device=device)
+
+    def tiny():
+        for _ in range(launches):
+            x.add_(1)
+
+    return graph_ms(tiny)
+
+
 def copy_bandwidth(device: str | torch.device = "cuda") -> float:
     """Achievable device memory bandwidth in bytes/s, from a 1 GiB device-to-device copy (read + write)."""
     import triton

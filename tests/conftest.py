@@ -20,9 +20,15 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _embedded_tokenizer():
+    """The embedded model's tokenizer; TTC_TEST_TOKENIZER may name a folder it was saved to (save_pretrained),
+    for a machine without the 100 MB GGUF, e.g. a GPU machine running the `gpu` tests."""
     from ttc.decoder.tokenizer import load_tokenizer
     from ttc.decoder.weights import resolve
 
+    if os.environ.get("TTC_TEST_TOKENIZER"):
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(os.environ["TTC_TEST_TOKENIZER"])
     return load_tokenizer(resolve("smollm2-135m")).hf
 
 

@@ -119,3 +119,40 @@ for note in gpu_check.parity_diagnosis(ctx, "llama", folder, prompts, branch, [t
                      "llama diagnosis: with cuda_graphs=False, 0 of 6 sequences equal transformers'",
                      "llama diagnosis: with cuda_graphs=False and the PyTorch references, 0 of 6 sequences equal "
                      "transformers'"]
+
+
+def test_the_attention_cases_gpu_branch_runs_on_the_interpreter_with_the_timers_stubbed(tmp_path):
+    """The lines only a GPU takes (the plan and work table timed, the graph replay, the floor columns) run on CPU
+    tensors through the interpreter with both timers stubbed: the smoke run never takes them, and the first GPU
+    run found a wrong import there."""
+    script = f"""
+import os, sys, json, pathlib
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import gpu_check
+from ttc.kernels import _timing
+_timing.graph_ms = lambda fn: (fn(), 2.0)[1]
+_timing.time_ms = lambda fn, device, reps=10: (fn(), 3.0)[1]
+ctx = gpu_check.Ctx("cpu", gpu_check.SMOKE, pathlib.Path({str(tmp_path)!r}))
+ctx.launch_ms = 0.5
+sec, rows = dict(tables=[], checks=[], notes=[]), []
+gpu_check.attention_case(ctx, sec, rows, 1e9, 4, 64, 16, 4, 2, 32)
+print(json.dumps([rows[0][7:13], rows[0][14] > 0, [(c["passed"], c["must"]) for c in sec["checks"]]]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    timings, planned, checks = json.loads(done.stdout.strip().splitlines()[-1])
+    nbytes = ((64 + 4 * 16) * 2 * 32 * 2 + 2 * 4 * 4 * 32) * 2  # K and V (bfloat16), + q and out
+    floor = nbytes / 1e9 * 1e3
+    assert timings == pytest.approx([2.0, 3.0, floor, 2.0 / floor, 2.0 / (floor + 0.5), nbytes / 2.0 / 1e6])
+    assert planned  # the plan and its work table were built and timed
+    assert checks == [[True, True], [False, False]]  # the error check, then the floor target (2 ms is far off)
+
+
+def test_only_reruns_the_named_section_after_the_environment(tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, str(SCRIPT), str(out), "--smoke", "--only", "attention"],
+                          capture_output=True, text=True, timeout=180, env=os.environ | {"TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [(s["name"], s["status"]) for s in report["sections"]] == [("environment", "ok"), ("attention", "ok")]

@@ -57,7 +57,7 @@ def _random_tree(rng, block_size, n_rows):
 
 
 def _attention_case(tables, lengths, block_size, num_blocks, hq, hkv, d=16, seed=0, dtype=torch.float32):
-    plan = plan_decode(tables, lengths, block_size, min_shared_tokens=1)
+    plan = plan_decode(tables, lengths, block_size, min_shared_tokens=1).to(DEVICE)  # where the engine keeps it
     k = _randn(num_blocks * block_size, hkv, d, seed=seed, dtype=dtype)
     v = _randn(num_blocks * block_size, hkv, d, seed=seed + 1, dtype=dtype)
     q = _randn(len(tables), hq, d, seed=seed + 2, dtype=dtype)
