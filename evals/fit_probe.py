@@ -24,7 +24,7 @@ import torch
 from ttc.budget import Ledger
 from ttc.evals.results import RESULTS, ResultsFile
 from ttc.search.panel import feature_file_name
-from ttc.verifiers.probe import FORMAT_VERSION, fit_rows, probe_metrics
+from ttc.verifiers.probe import fit_rows, probe_metrics
 
 __all__ = ["load_rows", "main"]
 
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": [str(r) for r in args.runs], "seed": args.seed, "ledger": cost.as_dict(),
                 "created": datetime.datetime.now().isoformat(),
                 "command": "python -m ttc.evals.fit_probe " + " ".join(str(r) for r in args.runs) + f" --out {args.out}"}
-    state = {"format": FORMAT_VERSION, "weights": probe.weight, "bias": probe.bias, "mean": probe.mean,
-             "std": probe.std, "feature": specs[0], "model": args.model, "metadata": metadata}
+    state = probe.file_state(specs[0], args.model, metadata)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out.with_name(out.name + ".partial"))

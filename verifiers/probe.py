@@ -79,6 +79,12 @@ class LogisticProbe:
         """The classifier of a saved probe (`load_probe_file`)."""
         return cls(state["weights"], state["bias"], state["mean"], state["std"])
 
+    def file_state(self, spec: dict, model: str, metadata: dict) -> dict:
+        """What a probe file holds (`load_probe_file` reads it back): this classifier, the feature spec it was
+        trained on, the model's name and the training's metadata. The one writer of the format."""
+        return {"format": FORMAT_VERSION, "weights": self.weight, "bias": self.bias, "mean": self.mean,
+                "std": self.std, "feature": dict(spec), "model": model, "metadata": metadata}
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities (N,) for features (N, F)."""
         z = ((x.double() - self.mean) / self.std) @ self.weight + self.bias
@@ -266,9 +272,7 @@ class ProbeVerifier:
     # -- persistence -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        p = self.probe
-        return {"format": FORMAT_VERSION, "weights": p.weight, "bias": p.bias, "mean": p.mean, "std": p.std,
-                "feature": dict(self.spec), "model": self.backend.name, "metadata": self.metadata}
+        return self.probe.file_state(self.spec, self.backend.name, self.metadata)
 
     def save(self, path: str) -> None:
         if self.probe is None:
