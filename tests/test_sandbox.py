@@ -7,6 +7,7 @@ no file, connection, signal or surviving process, each checked.
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -167,6 +168,27 @@ def test_infinite_loop_is_killed_as_a_timeout_and_leaves_no_process():
     assert _descendants() == []
 
 
+def test_the_limit_is_cpu_time_so_waiting_for_longer_than_it_still_passes():
+    result = run_tests("import time\ntime.sleep(1.5)\nx = 1\n", "assert x == 1\n", timeout_s=1)
+    assert result.status == "passed" and result.wall_s >= 1.5
+
+
+def test_a_program_that_uses_no_cpu_is_stopped_by_the_wall_clock_at_its_factor_of_the_limit():
+    result = run_tests("import time\ntime.sleep(60)\n", "", timeout_s=1)
+    assert result.status == "timeout"
+    assert sandbox.WALL_FACTOR * 1 <= result.wall_s < 30
+    assert _descendants() == []
+
+
+def test_a_program_that_ignores_sigxcpu_is_killed_at_the_hard_cpu_limit_and_reported_as_a_timeout():
+    # a script runs in the harness's main thread, where it can set a signal handler (run_tests' programs cannot)
+    code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n"
+    for isolation in ("bwrap", "guards-only"):
+        result = run_program(code, timeout_s=1, isolation=isolation)
+        assert result.status == "timeout" and result.returncode == -signal.SIGKILL, (isolation, result)
+        assert result.wall_s >= 2.0  # the soft limit (1 s) was ignored; the hard one (2 s) is a SIGKILL
+
+
 def test_memory_bomb_ends_as_memory():
     bomb = "blocks = []\nwhile True:\n    blocks.append(bytearray(10**6))\n"
     assert run_tests(bomb, "", timeout_s=5, memory_mb=128).status == "memory"
@@ -215,7 +237,7 @@ def test_many_sandboxes_run_concurrently_from_threads_in_input_order():
     # The clock only bounds how long the runs last; nothing depends on when they are looked at.
     loop = "import time\nwhile True:\n    time.sleep(0.01)\n"
     with ThreadPoolExecutor(max_workers=1) as thread:
-        running = thread.submit(run_tests_many, [(loop, ""), (loop, "")], max_workers=2, timeout_s=3)
+        running = thread.submit(run_tests_many, [(loop, ""), (loop, "")], max_workers=2, timeout_s=1)
         most = 0
         while not running.done():
             harnesses = [p for p in _descendants() if _command(p).startswith(sandbox_bwrap.runtime_view()[0])]

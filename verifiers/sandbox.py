@@ -12,14 +12,21 @@ whose process limit does not hold for root). The guards also run inside the boun
 Verdicts: "passed" comes only from a line on a pipe that starts with a random token, which the harness
 writes once it has seen every test case run to its end (see `sandbox_child`); exiting early, printing,
 or replacing `exec` or the harness's functions does not produce one. "failed" is an AssertionError, "memory"
-a MemoryError (or the kernel's OOM kill), "timeout" the wall clock or CPU limit, "error" anything else
+a MemoryError (or the kernel's OOM kill), "timeout" the CPU limit or the wall clock, "error" anything else
 (SystemExit while the tests run included: they cannot have finished). `run_program` is a script's own
 exit status instead: 0 is "passed". Linux only with the boundary; guards-only runs on POSIX.
+
+Time: `timeout_s` is CPU seconds (RLIMIT_CPU, whole seconds, rounded up), as a judge counts them, so a
+program that shares a loaded machine with others (an eval checking programs in parallel on two cores) is not
+failed for the time it spent waiting for a core. The wall clock stops what uses no CPU (a sleep, a blocked
+read) at `WALL_FACTOR` times `timeout_s`. Limit: RLIMIT_CPU holds per process; a program that starts workers
+(at most `max_processes`) can spend more CPU than that in all, until the wall clock.
 """
 
 from __future__ import annotations
 
 import marshal
+import math
 import os
 import re
 import select
@@ -43,6 +50,7 @@ __all__ = ["SandboxResult", "SandboxUnavailable", "run_tests", "run_cases", "run
            "check_boundary", "STATUSES", "ISOLATIONS"]
 
 STATUSES = ("passed", "failed", "timeout", "memory", "error")
+WALL_FACTOR = 3  # the wall clock's limit, in multiples of the CPU limit: room for a loaded machine
 ISOLATIONS = ("bwrap", "guards-only")
 _OUTPUT_CAP_BYTES = 4096  # per stream: the first and last 2 KB are kept
 _CHILD_SOURCE = (Path(__file__).parent / "sandbox_child.py").read_text(encoding="utf-8")
@@ -208,7 +216,8 @@ def _execute(mode: str, code: str, cases: list[str], stdin: str, limits: _Limits
         stderr_file = stack.enter_context(tempfile.TemporaryFile())
         result_read, result_write = os.pipe()
         stack.callback(os.close, result_read)
-        cpu_seconds = int(limits.timeout_s) + 2  # the wall clock should fire first
+        cpu_seconds = max(1, math.ceil(limits.timeout_s))  # RLIMIT_CPU counts whole seconds
+        wall_limit_s = limits.timeout_s * WALL_FACTOR
         if boundary:
             uid = sandbox_bwrap.run_uid()
             workdir = sandbox_bwrap.WORKDIR
@@ -237,20 +246,21 @@ def _execute(mode: str, code: str, cases: list[str], stdin: str, limits: _Limits
         inner = None
         try:
             if info_read is not None:
-                inner = _sandbox_init(info_read, started + limits.timeout_s)
-            exited = _wait_without_reaping(process.pid, max(0.0, started + limits.timeout_s - time.monotonic()))
+                inner = _sandbox_init(info_read, started + wall_limit_s)
+            exited = _wait_without_reaping(process.pid, max(0.0, started + wall_limit_s - time.monotonic()))
         finally:
             _kill_tree(process, inner)
         wall_s = time.monotonic() - started
         verdict = _read_verdict(result_read, token)
         stdout, stderr = _read_capped(stdout_file), _read_capped(stderr_file)
     returncode = _returncode(process.returncode, boundary)
+    timed_out = not exited or _cpu_killed(returncode, wall_s, cpu_seconds)
     if mode == "program":
-        return SandboxResult(_status_of_exit(returncode, not exited, stderr), returncode, stdout, stderr, wall_s)
+        return SandboxResult(_status_of_exit(returncode, timed_out, stderr), returncode, stdout, stderr, wall_s)
     if verdict is not None and (verdict[0] != "passed" or len(verdict[1]) == len(cases)):
         status, case_statuses = verdict
         return SandboxResult(status, returncode, stdout, stderr, wall_s, case_statuses)
-    status = _status_of_exit(returncode, not exited, stderr)
+    status = _status_of_exit(returncode, timed_out, stderr)
     if status == "passed":  # it exited with 0 before the harness gave its verdict
         status = "error"
         stderr += "\nsandbox: the run ended before its tests finished (no verdict from the harness)\n"
@@ -373,6 +383,12 @@ def _returncode(code: int, boundary: bool) -> int:
     if boundary and code > 128 and code - 128 in signal.valid_signals():
         return -(code - 128)
     return code
+
+
+def _cpu_killed(returncode: int, wall_s: float, cpu_seconds: int) -> bool:
+    """A SIGKILL from the hard CPU limit (one second past the soft one's SIGXCPU, which a program may catch):
+    it cannot come before that much wall time. Told from the kernel's OOM kill only by the time it came."""
+    return returncode == -signal.SIGKILL and wall_s >= cpu_seconds + 1
 
 
 def _status_of_exit(returncode: int, timed_out: bool, stderr: str) -> str:
