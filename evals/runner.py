@@ -130,6 +130,9 @@ def solve_one(problem: Problem, dataset: Dataset, run: Run, ledger: Ledger | Non
     and the record also holds `allocation` (its name) and `given_tokens` (the cap it was given).
     A problem that cannot be attempted within its limits (CannotAttempt) is a record with an error."""
     ledger = Ledger() if ledger is None else ledger
+    begin = getattr(backend_of(run.model), "begin_record", None)  # a remote backend: this record's own notes
+    if begin is not None:
+        begin()
     proposer, given = run.make_proposer(), None
     try:
         if run.allocator is None:

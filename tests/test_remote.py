@@ -186,6 +186,38 @@ def test_without_usage_the_client_counts_what_it_sent_and_received(tiny_llama_di
     assert backend.record_notes()["ledger_source"] == "client count, no usage report"
 
 
+def test_each_threads_record_notes_only_what_its_own_answers_reported(tiny_llama_dir):
+    """Two problems solved at once on one backend: the one whose answer had no usage says so in its record, the
+    other's record does not inherit it (the run-wide note does), and begin_record starts a record afresh."""
+    backend = backend_on(Scripted(completion(ids=(5, 6, 7)), completion(usage=USAGE)), tiny_llama_dir)
+    first_done, second_done, notes = threading.Event(), threading.Event(), {}
+
+    def first():
+        backend.begin_record()
+        one_step(backend, Meter())  # the answer without usage
+        first_done.set()
+        second_done.wait(10)
+        notes["first"] = backend.record_notes()["ledger_source"]
+        backend.begin_record()
+        notes["first, afresh"] = backend.record_notes()["ledger_source"]
+
+    def second():
+        first_done.wait(10)
+        backend.begin_record()
+        one_step(backend, Meter())  # an answer with usage
+        notes["second"] = backend.record_notes()["ledger_source"]
+        second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert notes == {"first": "client count, no usage report", "first, afresh": "server usage",
+                     "second": "server usage"}
+    assert backend.ledger_note == "client count, no usage report"
+
+
 def test_a_step_request_sends_the_branch_ids_the_childs_seed_and_the_step_stops(tiny_llama_dir):
     server = Scripted(completion(ids=(5, 6), text="x\n\n", finish="stop", stop_reason="\n\n", usage=USAGE))
     backend = backend_on(server, tiny_llama_dir)

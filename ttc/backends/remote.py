@@ -14,7 +14,8 @@ seed as the local engine draws a child, it writes the local proposer's tokens.
 
 The ledger is the server's own `usage`: the prompt tokens it computed are prefill (verifier tokens for
 a verifier's request), those its prefix cache served are reused, completion tokens are generated.
-`ledger_note` says where the numbers came from; the eval copies it into each record as `ledger_source`.
+`ledger_note` says where the run's numbers came from; `record_notes()` says it for one record (the work
+its thread did since `begin_record()`), which the eval copies into the record as `ledger_source`.
 
 Modules: remote_http (the HTTP client: retries, concurrency, errors), remote_wire (request bodies and
 the parsing of answers), remote_proposer (the proposer), this one (the backend).
@@ -111,10 +112,15 @@ class RemoteBackend:
         self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.config.eos_token_ids if self.config else ())
         primary = self.tokenizer.hf.eos_token_id
         self.eos_id = primary if primary in self.eos_ids else min(self.eos_ids, default=None)
-        self.ledger_note, self.token_note = SERVER_USAGE, SERVER_IDS
+        self.ledger_note, self.token_note = SERVER_USAGE, SERVER_IDS  # the weakest seen in the whole run
         self._lock = threading.Lock()
+        # per thread: the notes of the work it did since its last record (an eval solves one problem per worker
+        # thread at a time, and parses every answer in that thread), starting from what the handshake learned
+        self._record = threading.local()
+        self._baseline = (SERVER_USAGE, SERVER_IDS)
         self.client = HttpClient(self.base_url, api_key, max_concurrency, timeout_s, retries, transport=transport)
         self._handshake()
+        self._baseline = (self.ledger_note, self.token_note)
 
     def __repr__(self) -> str:
         return f"RemoteBackend({self.name!r} at {self.base_url})"
@@ -223,19 +229,36 @@ class RemoteBackend:
     def reports_cache(self) -> bool:
         return self.ledger_note == SERVER_USAGE
 
+    def begin_record(self) -> None:
+        """Start this thread's record notes afresh (the eval calls it as a problem starts)."""
+        self._record.notes = self._baseline
+
     def record_notes(self) -> dict:
-        """Where a record's numbers came from: `ledger_source` and `token_source`."""
-        return {"ledger_source": self.ledger_note, "token_source": self.token_note}
+        """Where the numbers of this thread's record came from, `ledger_source` and `token_source`: the
+        weakest of what the handshake learned and what every answer since `begin_record` reported. A
+        problem another thread solves at the same time does not change them."""
+        ledger_note, token_note = getattr(self._record, "notes", None) or self._baseline
+        return {"ledger_source": ledger_note, "token_source": token_note}
 
     def _note_ledger(self, note: str) -> None:
-        with self._lock:  # the weakest report seen wins: usage without a cache report, then no usage
-            order = (SERVER_USAGE, NO_CACHE_REPORT, NO_USAGE)
-            if order.index(note) > order.index(self.ledger_note):
-                self.ledger_note = note
+        self._note(note, 0)
 
     def _note_tokens(self, note: str) -> None:
+        self._note(note, 1)
+
+    def _note(self, note: str, which: int) -> None:
+        """The weakest report wins, in the run's notes and in this thread's record: usage without a cache report,
+        then no usage; re-tokenized text over the server's token ids."""
+        order = (SERVER_USAGE, NO_CACHE_REPORT, NO_USAGE) if which == 0 else (SERVER_IDS, RETOKENIZED)
+        weaker = lambda a, b: a if order.index(a) > order.index(b) else b  # noqa: E731
         with self._lock:
-            self.token_note = note
+            if which == 0:
+                self.ledger_note = weaker(note, self.ledger_note)
+            else:
+                self.token_note = weaker(note, self.token_note)
+        notes = list(getattr(self._record, "notes", None) or self._baseline)
+        notes[which] = weaker(note, notes[which])
+        self._record.notes = tuple(notes)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
