@@ -24,7 +24,8 @@ from ttc.verifiers.vote import vote
 
 @dataclass
 class DVTS:
-    n: int = 16  # the total width over all subtrees
+    n: int = 4  # the total width over all subtrees: one beam per subtree, 16 children a round like beam's
+    # defaults (the paper's 16 wide x 4 children is 64 a round: at a few thousand tokens a problem, a few tokens each)
     subtrees: int = 4
     expand: int = 4
     max_depth: int = 12
