@@ -1,6 +1,6 @@
 """One command that checks ttc's decoder on a GPU: parity with transformers, attention bandwidth, decode speed.
 
-    python benchmarks/gpu_check.py OUT_DIR [--smoke]
+    python benchmarks/gpu_check.py OUT_DIR [--smoke] [--only SECTION ...]
 
 For a bare GPU machine with a copy of this repository (not pip-installed), torch, triton, transformers and
 tokenizers, and no network: ttc's folders are imported without running ttc/__init__.py (its search layer needs

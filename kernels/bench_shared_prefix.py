@@ -176,10 +176,6 @@ def main(argv=None):
             f.write(f"\n## Kernels (CPU)\n\n`{command}`, "
                     f"{datetime.date.today().isoformat()}, {_machine()}.\n{header}.\n\n")
             f.write("\n".join(rows) + "\n")
-            f.write("\nNo GPU was available in this session: the Triton kernels (`kernels/*_triton.py`) were "
-                    "tested only under Triton's interpreter, and their timings against the references and the "
-                    "memory-bandwidth floor (`python -m ttc.kernels.<name>_triton` on a CUDA machine) are "
-                    "pending.\n")
         print(f"appended to {doc}")
 
 

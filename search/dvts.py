@@ -24,8 +24,8 @@ from ttc.verifiers.vote import vote
 
 @dataclass
 class DVTS:
-    n: int = 4  # the total width over all subtrees: one beam per subtree, 16 children a round like beam's
-    # defaults (the paper's 16 wide x 4 children is 64 a round: at a few thousand tokens a problem, a few tokens each)
+    n: int = 4  # the total width over all subtrees: one beam per subtree, expanded to 4 children, 16 a round as
+    # in the paper (N=16, M=4) and as beam's defaults (n=16 here was 64 a round: a few tokens a child per problem)
     subtrees: int = 4
     expand: int = 4
     max_depth: int = 12

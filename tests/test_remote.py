@@ -215,7 +215,26 @@ def test_each_threads_record_notes_only_what_its_own_answers_reported(tiny_llama
         t.join(20)
     assert notes == {"first": "client count, no usage report", "first, afresh": "server usage",
                      "second": "server usage"}
-    assert backend.ledger_note == "client count, no usage report"
+    # this thread began no record: it reads the run's notes, the weakest any thread saw
+    assert backend.record_notes()["ledger_source"] == "client count, no usage report"
+
+
+def test_a_re_tokenized_answer_marks_only_its_own_threads_record(tiny_llama_dir):
+    backend = backend_on(Scripted(completion(text=" seven", token_ids=False, usage=USAGE), completion(usage=USAGE)),
+                         tiny_llama_dir)
+    notes = {}
+
+    def solve(name):
+        backend.begin_record()
+        one_step(backend, Meter())
+        notes[name] = backend.record_notes()["token_source"]
+
+    for name in ("first", "second"):  # one after the other, each in a thread of its own
+        thread = threading.Thread(target=solve, args=(name,))
+        thread.start()
+        thread.join(20)
+    assert notes == {"first": "re-tokenized text", "second": "server token ids"}
+    assert backend.record_notes()["token_source"] == "re-tokenized text"
 
 
 def test_a_step_request_sends_the_branch_ids_the_childs_seed_and_the_step_stops(tiny_llama_dir):

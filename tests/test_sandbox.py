@@ -164,6 +164,7 @@ def test_introspecting_stdlib_code_degrades_gracefully_while_tests_run():
 def test_infinite_loop_is_killed_as_a_timeout_and_leaves_no_process():
     result = run_tests("print('started', flush=True)\nwhile True:\n    pass\n", "", timeout_s=1)
     assert result.status == "timeout" and "started" in result.stdout
+    assert result.returncode == -signal.SIGXCPU  # the CPU limit, not the wall clock (3x), ended it
     assert result.wall_s >= 1.0  # only a lower bound: on a loaded machine the kill may come late
     assert _descendants() == []
 
@@ -180,13 +181,24 @@ def test_a_program_that_uses_no_cpu_is_stopped_by_the_wall_clock_at_its_factor_o
     assert _descendants() == []
 
 
-def test_a_program_that_ignores_sigxcpu_is_killed_at_the_hard_cpu_limit_and_reported_as_a_timeout():
+def test_a_program_that_ignores_sigxcpu_runs_until_the_wall_clock_and_is_reported_as_a_timeout():
     # a script runs in the harness's main thread, where it can set a signal handler (run_tests' programs cannot)
     code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n"
     for isolation in ("bwrap", "guards-only"):
         result = run_program(code, timeout_s=1, isolation=isolation)
         assert result.status == "timeout" and result.returncode == -signal.SIGKILL, (isolation, result)
-        assert result.wall_s >= 2.0  # the soft limit (1 s) was ignored; the hard one (2 s) is a SIGKILL
+        assert result.wall_s >= sandbox.WALL_FACTOR * 1  # no hard CPU limit: the wall clock ended it
+
+
+def test_every_thread_of_the_program_counts_toward_its_cpu_limit():
+    """Two threads hashing (hashlib lets go of the GIL) spend the 1 CPU second in about half a second of wall time
+    on two cores: SIGXCPU ends it, not the wall clock."""
+    code = ("import hashlib, threading\ndata = b'x' * (1 << 20)\n"
+            "def burn():\n    while True:\n        hashlib.sha256(data).digest()\n"
+            "threads = [threading.Thread(target=burn) for _ in range(2)]\n"
+            "[t.start() for t in threads]\n[t.join() for t in threads]\n")
+    result = run_program(code, timeout_s=1)
+    assert result.status == "timeout" and result.returncode == -signal.SIGXCPU, result
 
 
 def test_memory_bomb_ends_as_memory():

@@ -16,11 +16,12 @@ a MemoryError (or the kernel's OOM kill), "timeout" the CPU limit or the wall cl
 (SystemExit while the tests run included: they cannot have finished). `run_program` is a script's own
 exit status instead: 0 is "passed". Linux only with the boundary; guards-only runs on POSIX.
 
-Time: `timeout_s` is CPU seconds (RLIMIT_CPU, whole seconds, rounded up), as a judge counts them, so a
-program that shares a loaded machine with others (an eval checking programs in parallel on two cores) is not
-failed for the time it spent waiting for a core. The wall clock stops what uses no CPU (a sleep, a blocked
-read) at `WALL_FACTOR` times `timeout_s`. Limit: RLIMIT_CPU holds per process; a program that starts workers
-(at most `max_processes`) can spend more CPU than that in all, until the wall clock.
+Time: `timeout_s` is CPU seconds (RLIMIT_CPU, whole seconds, rounded up; all the harness's threads count), as
+a judge counts them, so a program that shares a loaded machine with others (an eval checking programs in
+parallel on two cores) is not failed for the time it spent waiting for a core, up to a slowdown of
+`WALL_FACTOR`: the wall clock stops every run at `WALL_FACTOR` times the CPU limit, which also ends what uses
+no CPU (a sleep, a blocked read) and a program that ignores SIGXCPU. Limit: RLIMIT_CPU holds per process; a
+program that starts workers (at most `max_processes`) can spend more CPU than that in all, until the wall clock.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ __all__ = ["SandboxResult", "SandboxUnavailable", "run_tests", "run_cases", "run
            "check_boundary", "STATUSES", "ISOLATIONS"]
 
 STATUSES = ("passed", "failed", "timeout", "memory", "error")
-WALL_FACTOR = 3  # the wall clock's limit, in multiples of the CPU limit: room for a loaded machine
+WALL_FACTOR = 3  # the wall clock's limit, in multiples of the CPU limit: room for a 3x slower (loaded) machine
 ISOLATIONS = ("bwrap", "guards-only")
 _OUTPUT_CAP_BYTES = 4096  # per stream: the first and last 2 KB are kept
 _CHILD_SOURCE = (Path(__file__).parent / "sandbox_child.py").read_text(encoding="utf-8")
@@ -216,8 +217,8 @@ def _execute(mode: str, code: str, cases: list[str], stdin: str, limits: _Limits
         stderr_file = stack.enter_context(tempfile.TemporaryFile())
         result_read, result_write = os.pipe()
         stack.callback(os.close, result_read)
-        cpu_seconds = max(1, math.ceil(limits.timeout_s))  # RLIMIT_CPU counts whole seconds
-        wall_limit_s = limits.timeout_s * WALL_FACTOR
+        cpu_seconds = math.ceil(limits.timeout_s)  # RLIMIT_CPU counts whole seconds
+        wall_limit_s = cpu_seconds * WALL_FACTOR
         if boundary:
             uid = sandbox_bwrap.run_uid()
             workdir = sandbox_bwrap.WORKDIR
@@ -254,13 +255,12 @@ def _execute(mode: str, code: str, cases: list[str], stdin: str, limits: _Limits
         verdict = _read_verdict(result_read, token)
         stdout, stderr = _read_capped(stdout_file), _read_capped(stderr_file)
     returncode = _returncode(process.returncode, boundary)
-    timed_out = not exited or _cpu_killed(returncode, wall_s, cpu_seconds)
     if mode == "program":
-        return SandboxResult(_status_of_exit(returncode, timed_out, stderr), returncode, stdout, stderr, wall_s)
+        return SandboxResult(_status_of_exit(returncode, not exited, stderr), returncode, stdout, stderr, wall_s)
     if verdict is not None and (verdict[0] != "passed" or len(verdict[1]) == len(cases)):
         status, case_statuses = verdict
         return SandboxResult(status, returncode, stdout, stderr, wall_s, case_statuses)
-    status = _status_of_exit(returncode, timed_out, stderr)
+    status = _status_of_exit(returncode, not exited, stderr)
     if status == "passed":  # it exited with 0 before the harness gave its verdict
         status = "error"
         stderr += "\nsandbox: the run ended before its tests finished (no verdict from the harness)\n"
@@ -383,12 +383,6 @@ def _returncode(code: int, boundary: bool) -> int:
     if boundary and code > 128 and code - 128 in signal.valid_signals():
         return -(code - 128)
     return code
-
-
-def _cpu_killed(returncode: int, wall_s: float, cpu_seconds: int) -> bool:
-    """A SIGKILL from the hard CPU limit (one second past the soft one's SIGXCPU, which a program may catch):
-    it cannot come before that much wall time. Told from the kernel's OOM kill only by the time it came."""
-    return returncode == -signal.SIGKILL and wall_s >= cpu_seconds + 1
 
 
 def _status_of_exit(returncode: int, timed_out: bool, stderr: str) -> str:

@@ -76,7 +76,9 @@ def _become(uid: int) -> None:
 def _limit_resources(cpu_seconds: int, memory_bytes: int, max_processes: int, max_file_bytes: int) -> None:
     # RLIMIT_NPROC counts the processes and threads of the real uid (per user namespace): set after the
     # uid switch, it holds the run's own uid, which nothing else uses. The kernel does not apply it to root.
-    limits = [(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1),  # SIGXCPU at the soft limit, SIGKILL at the hard
+    # RLIMIT_CPU: SIGXCPU at the soft limit (again every CPU second after it); no hard limit of its own, so the
+    # only SIGKILLs are the parent's wall clock and the kernel's OOM killer, and the parent can tell them apart
+    limits = [(resource.RLIMIT_CPU, cpu_seconds, resource.RLIM_INFINITY),
               (resource.RLIMIT_AS, memory_bytes, memory_bytes),
               (resource.RLIMIT_FSIZE, max_file_bytes, max_file_bytes),
               (resource.RLIMIT_NPROC, max_processes, max_processes),

@@ -236,8 +236,10 @@ class RemoteBackend:
     def record_notes(self) -> dict:
         """Where the numbers of this thread's record came from, `ledger_source` and `token_source`: the
         weakest of what the handshake learned and what every answer since `begin_record` reported. A
-        problem another thread solves at the same time does not change them."""
-        ledger_note, token_note = getattr(self._record, "notes", None) or self._baseline
+        problem another thread solves at the same time does not change them. In a thread that began no record:
+        the run's notes (the weakest seen by any thread)."""
+        notes = getattr(self._record, "notes", None)  # None: no record begun in this thread, so the run's notes
+        ledger_note, token_note = notes or (self.ledger_note, self.token_note)
         return {"ledger_source": ledger_note, "token_source": token_note}
 
     def _note_ledger(self, note: str) -> None:
@@ -256,9 +258,11 @@ class RemoteBackend:
                 self.ledger_note = weaker(note, self.ledger_note)
             else:
                 self.token_note = weaker(note, self.token_note)
-        notes = list(getattr(self._record, "notes", None) or self._baseline)
-        notes[which] = weaker(note, notes[which])
-        self._record.notes = tuple(notes)
+        notes = getattr(self._record, "notes", None)
+        if notes is not None:  # a record begun in this thread
+            notes = list(notes)
+            notes[which] = weaker(note, notes[which])
+            self._record.notes = tuple(notes)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
