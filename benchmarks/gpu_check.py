@@ -5,13 +5,15 @@
 For a bare GPU machine with a copy of this repository (not pip-installed), torch, triton, transformers and
 tokenizers, and no network: ttc's folders are imported without running ttc/__init__.py (its search layer needs
 math_verify), and every model has random weights made on the device, saved as a Hugging Face folder with an
-offline word-level tokenizer (prompts are token ids). Sections, timed, the longest but one last (the deadline cuts it):
+offline word-level tokenizer (prompts are token ids). Sections, timed, the longest late (the deadline cuts it):
 environment; kernels (norm, rotary and sampling against their references on the GPU: gpu_check_kernels.py);
 parity (greedy tokens equal transformers', float32, TF32 off, Llama and Qwen2, prompts and forked
 branches in one batch; bfloat16's agreement); attention (the Triton kernel against the memory floor at the copy
 bandwidth measured here, and against the reference); throughput (tok/s of N samples of one prompt against
 transformers' generate, ~0.5B and ~1.5B Llamas in bfloat16; cuda_graphs off against on); host step (the engine's
-host work per decode step on this machine's CPU, step_host.py's "gpu host" path: seconds). What would not fit
+host work per decode step on this machine's CPU, step_host.py's "gpu host" path: seconds); gpu tests (pytest on
+the `gpu`-marked test files in a child process that imports the whole checkout as ttc: gpu_check_tests.py; it
+needs pytest, which the GPU machine has, and not math-verify, which it lacks). What would not fit
 before the deadline (440 s) is reported as skipped; an exception is written to the report and the run goes on.
 OUT_DIR/report.md and report.json are rewritten after every section. Exit status 1 if a parity or correctness
 check failed, anything raised or the deadline cut a section; 2 without a GPU. --smoke: every section on the CPU
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_harness import (Ctx, Deadline, Report, bootstrap_ttc, check, free, guarded, load_ttc,  # noqa: E402
                                log, make_model, random_ids, table)
 from gpu_check_kernels import kernels_section  # noqa: E402
+from gpu_check_tests import gpu_tests  # noqa: E402
 import step_host  # noqa: E402  (imports only torch and the harness until measured)
 
 import torch  # noqa: E402
@@ -432,7 +435,7 @@ def host_step(ctx: Ctx, sec: dict) -> None:
 
 SECTIONS = [("environment", environment, 1), ("kernels", kernels_section, 5), ("parity", parity, 20),
             ("attention", attention, 15), ("throughput", throughput, 60),
-            ("host step", host_step, 10)]  # (name, function, seconds it needs on a GPU)
+            ("host step", host_step, 10), ("gpu tests", gpu_tests, 60)]  # (name, function, seconds it needs on a GPU)
 
 
 def run_section(ctx: Ctx, fn, sec: dict) -> None:

@@ -146,6 +146,19 @@ def bootstrap_ttc(root: Path = ROOT) -> None:
     assert Path(ttc.api.__file__).resolve().is_relative_to(root.resolve()), f"ttc.api came from {ttc.api.__file__}"
 
 
+def import_ttc(root: Path = ROOT) -> None:
+    """Import the checkout at `root` as the `ttc` package, ttc/__init__.py included: pyproject's folder mapping
+    made by hand (its __path__ is [root/ttc, root]), for the `gpu` tests (`ttc.load`, `ttc.Ledger`) on a machine
+    where ttc is a copy, not installed. Needs what `import ttc` needs (torch, numpy, tqdm), not math-verify."""
+    here = Path(__file__).resolve().parent  # as in bootstrap_ttc: benchmarks/search.py must not shadow anything
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != here]
+    spec = importlib.util.spec_from_file_location("ttc", root / "ttc" / "__init__.py",
+                                                  submodule_search_locations=[str(root / "ttc"), str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ttc"] = module
+    spec.loader.exec_module(module)
+
+
 def word_level_tokenizer(vocab_size: int):
     """A tokenizer of vocab_size tokens "<unk>", "<s>", "</s>", "t3", ... made offline."""
     vocab = {"<unk>": PAD, "<s>": BOS, "</s>": EOS, **{f"t{i}": i for i in range(3, vocab_size)}}

@@ -42,7 +42,7 @@ def test_the_smoke_run_passes_parity_on_both_configs_without_math_verify_gguf_or
     assert "ttc/__init__.py ran: False" in done.stdout
     report = json.loads((out / "report.json").read_text())
     sections = {s["name"]: s for s in report["sections"]}
-    assert list(sections) == ["environment", "kernels", "parity", "attention", "throughput", "host step"]
+    assert list(sections) == ["environment", "kernels", "parity", "attention", "throughput", "host step", "gpu tests"]
     kernel_checks = sections["kernels"]["checks"]
     assert len(kernel_checks) == 7 and all(c["passed"] and c["must"] for c in kernel_checks)
     assert all(s["status"] == "ok" for s in sections.values()), [(s["name"], s["error"]) for s in sections.values()]
@@ -54,6 +54,9 @@ def test_the_smoke_run_passes_parity_on_both_configs_without_math_verify_gguf_or
     assert [row[2] for row in throughput] == [1, 4] and all(row[3] > 0 and row[4] > 0 for row in throughput)
     host = sections["host step"]["tables"][0]["rows"]
     assert len(host) == 5 and all(row[3] > 0 for row in host)
+    # the gpu tests' child: on the CPU test_gpu.py skips and the Triton kernels' tests run interpreted
+    [[passed, failed, errors, skipped, status]] = sections["gpu tests"]["tables"][0]["rows"]
+    assert passed >= 40 and (failed, errors, status) == (0, 0, 0) and skipped >= 3
     markdown = (out / "report.md").read_text()
     assert "check PASS: llama: float32 greedy tokens equal transformers'" in markdown
     assert f"`python {SCRIPT} {out} --smoke`" in markdown
@@ -156,3 +159,30 @@ def test_only_reruns_the_named_section_after_the_environment(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert [(s["name"], s["status"]) for s in report["sections"]] == [("environment", "ok"), ("attention", "ok")]
+
+
+def test_pytests_summary_line_is_read_into_counts():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from gpu_check_tests import summary_counts
+
+    assert summary_counts("x\n== 2 failed, 44 passed, 1 skipped, 3 errors in 34.95s ==\n") == {
+        "passed": 44, "failed": 2, "errors": 3, "skipped": 1}
+    assert summary_counts("== 1 error in 0.2s ==") == {"passed": 0, "failed": 0, "errors": 1, "skipped": 0}
+    assert summary_counts("ImportError: no module named x") == {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+
+
+def test_the_whole_package_imports_without_math_verify_as_on_the_gpu_machine():
+    """The gpu tests import `ttc` itself: math-verify (absent there) is imported only when an answer is parsed."""
+    script = f"""
+import sys
+sys.modules["math_verify"] = None
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+from gpu_check_harness import import_ttc
+import_ttc()
+import ttc
+print(callable(ttc.load), callable(ttc.solve), ttc.__file__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded, solve, where = done.stdout.split()
+    assert (loaded, solve) == ("True", "True") and Path(where) == SCRIPT.parents[1] / "ttc" / "__init__.py"

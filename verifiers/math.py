@@ -17,7 +17,6 @@ import logging
 import re
 from fractions import Fraction
 
-from math_verify import parse, verify
 
 __all__ = ["extract_answer", "reference_answer", "is_equivalent", "canonical_key", "group_equivalent",
            "grade"]
@@ -254,6 +253,8 @@ def _parsed(clean: str) -> tuple:
     """math-verify's parse of one answer, as a tuple (cached, so it must not be mutated)."""
     if len(clean) > _MAX_PARSE_CHARS:
         return ()
+    from math_verify import parse  # imported on first use: `import ttc` needs no math-verify (a bare GPU machine's)
+
     latex = re.sub(r"(?<!\\)%", r"\\%", clean)  # a bare % starts a LaTeX comment
     try:
         return tuple(parse(f"${latex}$", parsing_timeout=None))
@@ -262,6 +263,8 @@ def _parsed(clean: str) -> tuple:
 
 
 def _math_verify_equal(clean_a: str, clean_b: str) -> bool:
+    from math_verify import verify
+
     parsed_a, parsed_b = _parsed(clean_a), _parsed(clean_b)
     if not parsed_a or not parsed_b:
         return False
