@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ttc.budget import Budget, Ledger
-from ttc.evals.datasets import Dataset
+from ttc.evals.datasets import Dataset, DatasetError
 
 __all__ = ["ConfigError", "locate", "instantiate", "allowed_targets", "accepts", "missing_keys", "build_dataset",
            "eval_split", "dataset_start", "from_start", "train_split", "TRAIN_SEED_OFFSET", "load_model",
@@ -155,7 +155,13 @@ def instantiate(node: Any, name: str = "config", allowed: tuple[str, ...] = (), 
         raise ConfigError(f"{name} ({target}): {e}") from None
     except ValueError:  # no signature to check (a builtin)
         pass
-    return obj(**kwargs)
+    try:
+        return obj(**kwargs)
+    except (ConfigError, DatasetError):  # already the user's one line
+        raise
+    except (ValueError, FileNotFoundError) as e:  # the target refused what the config gave it: a missing model
+        # (ModelNotFoundError), an unsupported checkpoint, a strategy's or a budget's own checks; the user's to fix
+        raise ConfigError(f"{name} ({target}): {type(e).__name__}: {e}") from e
 
 
 # --- datasets ---------------------------------------------------------------------------------
@@ -410,7 +416,9 @@ def build_run(cfg: dict, dataset: Dataset, done: dict, names: dict, shard=None) 
 def budget_factory(node: dict) -> Callable[[], Budget]:
     """A fresh per-problem Budget from the `budget` node (a plain dict of limits is a ttc.Budget)."""
     node = dict(node)
-    return lambda: instantiate(node, "budget") if node.get("_target_") else Budget(**node)
+    make = lambda: instantiate(node, "budget") if node.get("_target_") else Budget(**node)  # noqa: E731
+    make()  # built once now: a budget the config gets wrong is refused before any problem starts
+    return make
 
 
 # --- names --------------------------------------------------------------------------------------

@@ -12,13 +12,16 @@ The path is printed as the last line of stdout.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from ttc.backends.remote_http import RemoteError
 from ttc.evals.__main__ import config_dict
-from ttc.evals.build import load_model
+from ttc.evals.build import ConfigError, load_model
+from ttc.evals.datasets import DatasetError
 from ttc.evals.probe_training import DEFAULT_SETTINGS, fit_settings, probe_cache_path, train_probe_for
 
 
@@ -28,9 +31,13 @@ def main(cfg: DictConfig) -> None:
     settings = {**DEFAULT_SETTINGS, **cfg["probe_training"]}
     out = Path(cfg["out"]).expanduser() if cfg.get("out") else probe_cache_path(cfg["model"], cfg["dataset"],
                                                                                  settings, cfg["verifier"])
-    model = load_model(cfg["model"])
-    train_probe_for(cfg["dataset"], model, cfg["verifier"], path=out, progress=bool(cfg.get("progress", True)),
-                    **fit_settings(settings))
+    try:
+        model = load_model(cfg["model"])
+        train_probe_for(cfg["dataset"], model, cfg["verifier"], path=out, progress=bool(cfg.get("progress", True)),
+                        **fit_settings(settings))
+    except (ConfigError, DatasetError, RemoteError) as e:  # the user's to fix: a message, not a traceback
+        print(f"train_probe: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(out, flush=True)
 
 

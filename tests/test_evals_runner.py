@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 
 from ttc.evals import runner
 from ttc.evals.__main__ import config_dict
-from ttc.evals.build import ConfigError, accepts, eval_split, instantiate, locate, train_split
+from ttc.evals.build import ConfigError, accepts, budget_factory, eval_split, instantiate, locate, train_split
 from ttc.evals.datasets import extract_stated_answer
 from ttc.evals.runner import ResumeError, run_eval
 
@@ -251,6 +251,35 @@ def test_unknown_config_keys_and_missing_values_are_reported_by_name():
         instantiate({"_target_": "ttc.search.greedy.GreedyDecoding", "width": 3}, "strategy")
     with pytest.raises(ConfigError, match=r"set dataset.path"):
         instantiate(eval_config("dataset=mbpp")["dataset"], "dataset")
+
+
+def test_a_target_that_refuses_its_arguments_is_a_config_error_naming_the_group():
+    with pytest.raises(ConfigError, match=r"^strategy \(ttc.search.dvts.DVTS\): ValueError: DVTS needs"):
+        instantiate({"_target_": "ttc.search.dvts.DVTS", "n": 4, "subtrees": 8}, "strategy")
+    with pytest.raises(ConfigError, match=r"^model \(ttc.load\): ModelNotFoundError: model '/no/such.gguf' not found"):
+        instantiate({"_target_": "ttc.load", "spec": "/no/such.gguf"}, "model")
+
+
+@pytest.mark.parametrize("limits", [{"tokens": -5}, {"tokens": 0}, {"wall_s": -1.0}])
+def test_a_budget_of_nothing_is_refused_when_the_run_is_built(limits):
+    with pytest.raises(ConfigError, match="a budget's limits are positive numbers or None"):
+        budget_factory({"_target_": "ttc.budget.Budget", **limits})
+    with pytest.raises(ValueError, match="positive numbers or None"):
+        budget_factory(limits)
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "ttc.evals", "model.spec=/no/such.gguf", "dataset.limit=1"],
+    ["-m", "ttc.evals.train_probe", "model.spec=/no/such.gguf"],
+    ["-m", "ttc.serve.cli", "serve", "--model", "/no/such.gguf"],
+], ids=["ttc-eval", "train_probe", "ttc serve"])
+def test_every_entry_point_reports_a_missing_model_in_one_line(command, tmp_path):
+    hydra = [f"hydra.run.dir={tmp_path}"] if "serve" not in command else []
+    proc = subprocess.run([sys.executable, *command, *hydra], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "ModelNotFoundError: model '/no/such.gguf' not found" in errors[0], proc.stderr
 
 
 def test_the_model_is_injected_into_targets_that_take_it():

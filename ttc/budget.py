@@ -124,6 +124,13 @@ class Budget:
     wall_s: float | None = None
     started: float = field(default_factory=time.perf_counter, repr=False, compare=False)
 
+    def __post_init__(self):
+        given = {"tokens": self.tokens, "flops": self.flops, "forward_passes": self.forward_passes,
+                 "wall_s": self.wall_s}
+        bad = [f"{name}={value}" for name, value in given.items() if value is not None and not value > 0]
+        if bad:  # a budget of nothing would fail every problem as "exhausted" instead of saying why
+            raise ValueError(f"a budget's limits are positive numbers or None (unlimited), not {', '.join(bad)}")
+
     def remaining_tokens(self, ledger: Ledger) -> float:
         if self.tokens is None:
             return float("inf")

@@ -53,8 +53,11 @@ def serve(args: argparse.Namespace) -> None:
     from ttc.serve.runtime import Settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = ttc.load(args.model, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb, threads=args.threads,
-                     device=args.device, cuda_graphs=args.cuda_graphs)
+    try:
+        model = ttc.load(args.model, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb, threads=args.threads,
+                         device=args.device, cuda_graphs=args.cuda_graphs)
+    except (ValueError, FileNotFoundError) as e:  # a missing model, an unsupported checkpoint, a bad dtype/device
+        sys.exit(f"ttc serve: error: {type(e).__name__}: {e}")
     settings = Settings(model_name=args.served_model_name or args.model, max_concurrency=args.max_concurrency,
                         max_queue=args.max_queue, kv_share=args.request_kv_share, chunk_tokens=args.chunk_tokens,
                         max_logprobs=args.max_logprobs)
