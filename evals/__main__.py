@@ -8,7 +8,8 @@
 
 Prints the summary table, then the summary as one JSON object on the last line of stdout.
 Exit status 130 when interrupted (what is done is saved; the same command resumes), 2 for a
-config, dataset or output-folder problem or a server that cannot be reached (with a one-line message).
+config, dataset or output-folder problem, a server that cannot be reached or a KV pool too small for one
+problem (with a one-line message; what was done is saved).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ttc.backends.remote_http import RemoteError
+from ttc.decoder.cache import PoolExhausted
 from ttc.evals.build import ConfigError
 from ttc.evals.datasets import DatasetError
 from ttc.evals.results import ResumeError
@@ -38,7 +40,7 @@ def main(cfg: DictConfig) -> None:
     runtime = HydraConfig.get().runtime
     try:
         outcome = run_eval(config_dict(cfg), runtime.output_dir, names=dict(runtime.choices))
-    except (ConfigError, DatasetError, ResumeError, RemoteError) as e:  # the user's to fix: a message, not a traceback
+    except (ConfigError, DatasetError, ResumeError, RemoteError, PoolExhausted) as e:  # the user's: one line
         print(f"ttc-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(summary_table(outcome.summary))

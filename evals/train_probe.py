@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ttc.backends.remote_http import RemoteError
+from ttc.decoder.cache import PoolExhausted
 from ttc.evals.__main__ import config_dict
 from ttc.evals.build import ConfigError, load_model
 from ttc.evals.datasets import DatasetError
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> None:
         model = load_model(cfg["model"])
         train_probe_for(cfg["dataset"], model, cfg["verifier"], path=out, progress=bool(cfg.get("progress", True)),
                         **fit_settings(settings))
-    except (ConfigError, DatasetError, RemoteError) as e:  # the user's to fix: a message, not a traceback
+    except (ConfigError, DatasetError, RemoteError, PoolExhausted) as e:  # the user's to fix: one line
         print(f"train_probe: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(out, flush=True)

@@ -47,6 +47,10 @@ class BestOfN:
     n: int = 8
     weighted: bool = False
 
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"best-of-N chooses among at least one sample: strategy.n must be >= 1, not {self.n}")
+
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         tree = Tree()
         verifier = bind_verifier(verifier, problem, proposer, meter)

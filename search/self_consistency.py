@@ -27,6 +27,10 @@ def majority(name: str, problem: Problem, proposer, meter: Meter, tree: Tree, sa
 class SelfConsistency:
     n: int = 8
 
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"self-consistency votes over at least one sample: strategy.n must be >= 1, not {self.n}")
+
     def __call__(self, problem: Problem, proposer, verifier, meter: Meter) -> Result:
         """The verifier is not used: the vote is the selector."""
         tree = Tree()

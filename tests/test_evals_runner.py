@@ -268,18 +268,25 @@ def test_a_budget_of_nothing_is_refused_when_the_run_is_built(limits):
         budget_factory(limits)
 
 
-@pytest.mark.parametrize("command", [
-    ["-m", "ttc.evals", "model.spec=/no/such.gguf", "dataset.limit=1"],
-    ["-m", "ttc.evals.train_probe", "model.spec=/no/such.gguf"],
-    ["-m", "ttc.serve.cli", "serve", "--model", "/no/such.gguf"],
-], ids=["ttc-eval", "train_probe", "ttc serve"])
-def test_every_entry_point_reports_a_missing_model_in_one_line(command, tmp_path):
-    hydra = [f"hydra.run.dir={tmp_path}"] if "serve" not in command else []
+MISSING_MODEL = "ModelNotFoundError: model '/no/such.gguf' not found"
+
+
+@pytest.mark.parametrize("command, message", [
+    (["-m", "ttc.evals", "model.spec=/no/such.gguf", *CHAIN_SUM], MISSING_MODEL),
+    (["-m", "ttc.evals.train_probe", "model.spec=/no/such.gguf", *CHAIN_SUM], MISSING_MODEL),
+    (["-m", "ttc.serve.cli", "serve", "--model", "/no/such.gguf"], MISSING_MODEL),
+    (["-m", "ttc.evals", "model.kv_cache_gb=0", *CHAIN_SUM], "kv_cache_gb sizes the KV pool and must be positive"),
+    (["-m", "ttc.evals", "model.kv_cache_gb=0.00001", *CHAIN_SUM], "KV pool exhausted: "),
+    (["-m", "ttc.evals", "strategy.n=0", *CHAIN_SUM], "strategy.n must be >= 1, not 0"),
+    (["-m", "ttc.evals", "proposer.max_tokens=0", *CHAIN_SUM], "max_tokens must be at least 1"),
+], ids=["ttc-eval", "train_probe", "ttc serve", "no KV pool", "a KV pool too small", "n=0", "no tokens"])
+def test_every_entry_point_reports_bad_input_in_one_line(command, message, tmp_path):
+    hydra = [f"hydra.run.dir={tmp_path}", "progress=false"] if "serve" not in command else []
     proc = subprocess.run([sys.executable, *command, *hydra], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "ModelNotFoundError: model '/no/such.gguf' not found" in errors[0], proc.stderr
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
 def test_the_model_is_injected_into_targets_that_take_it():

@@ -407,3 +407,19 @@ def test_each_strategy_config_builds_its_class_without_the_proposer_keys(name, c
     strategy = instantiate(cfg)
     assert type(strategy) is cls
     assert strategy == cls() if name != "ets" else strategy.selector == ETSSelector()
+
+
+@pytest.mark.parametrize("strategy", ["SelfConsistency", "BestOfN"])
+def test_a_sampling_strategy_of_no_samples_is_refused_when_made(strategy):
+    from ttc.search.best_of_n import BestOfN
+    from ttc.search.self_consistency import SelfConsistency
+
+    with pytest.raises(ValueError, match="strategy.n must be >= 1, not 0"):
+        {"SelfConsistency": SelfConsistency, "BestOfN": BestOfN}[strategy](n=0)
+
+
+def test_a_proposer_of_no_tokens_is_refused_when_made():
+    from ttc.backends.steps import StepProposer
+
+    with pytest.raises(ValueError, match="must be at least 1, not 256 and 0"):
+        StepProposer(max_tokens=0)

@@ -170,6 +170,8 @@ def load(spec: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "auto", kv_cache
     compile: torch.compile the work between attention calls (ttc/decoder/compiled.py; eager if unavailable).
     kv_cache_gb sizes the paged KV pool (pages are only touched as they are used).
     """
+    if not kv_cache_gb > 0:
+        raise ValueError(f"kv_cache_gb sizes the KV pool and must be positive, not {kv_cache_gb}")
     dev = resolve_device(device)
     weights = dtype if dtype in QUANTIZED else "plain"
     check_device_options(dev, weights, batch_invariant, compile)

@@ -49,7 +49,7 @@ def load_probe_file(path: str | Path) -> dict:
     """A saved probe's state (weights, feature spec, metadata), refused with one line if it is not a ttc probe."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not a torch file, or cut short
+    except Exception as e:  # not a torch file, cut short, or text torch's reader trips on (an IndexError, ...)
         raise ValueError(f"{path} is not a ttc probe (torch.load could not read it: {type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__

@@ -24,6 +24,9 @@ class StepProposer:
     def __init__(self, step_stop: tuple[str, ...] = ("\n\n",), max_step_tokens: int = 256, max_tokens: int = 768,
                  temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int = 0,
                  answer_fn: AnswerFn | None = None):
+        if max_step_tokens < 1 or max_tokens < 1:  # a proposer of no tokens would end every branch unwritten
+            raise ValueError(f"max_step_tokens and max_tokens must be at least 1, not {max_step_tokens} and "
+                             f"{max_tokens}")
         self.step_stop = tuple(step_stop)
         self.max_step_tokens, self.max_tokens = max_step_tokens, max_tokens
         self.params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
