@@ -3,8 +3,8 @@
     python benchmarks/gpu_check.py OUT_DIR [--smoke] [--only SECTION ...]
 
 For a bare GPU machine with a copy of this repository (not pip-installed), torch, triton, transformers and
-tokenizers, and no network: ttc's folders are imported without running ttc/__init__.py (its search layer needs
-math_verify), and every model has random weights made on the device, saved as a Hugging Face folder with an
+tokenizers, and no network: ttc's folders are imported without running ttc/__init__.py (the check needs none
+of the search layer it imports), and every model has random weights made on the device, saved as a Hugging Face folder with an
 offline word-level tokenizer (prompts are token ids). Sections, timed, the longest late (the deadline cuts it):
 environment; kernels (norm, rotary and sampling against their references on the GPU: gpu_check_kernels.py);
 parity (greedy tokens equal transformers', float32, TF32 off, Llama and Qwen2, prompts and forked
@@ -263,8 +263,8 @@ def attention(ctx: Ctx, sec: dict) -> None:
         sec["notes"].append("CPU run: no Triton kernel and no bandwidth floor; the PyTorch reference is timed")
     rows = table(sec, f"{'bfloat16' if bw else 'float32'} decode attention, block size 16 (bytes: the shared prefix "
                  "once, each row's own tokens, K and V, + q + out)",
-                 ["B", "prefix", "own", "Hq", "Hkv", "D", "MB", "kernel ms (graph)", "eager ms", "floor ms", "x floor", "x (floor + launches)", "GB/s",
-                  "reference ms", "plan ms (CPU)", "max err", "reference err"])
+                 ["B", "prefix", "own", "Hq", "Hkv", "D", "MB", "kernel ms (graph)", "eager ms", "floor ms", "x floor",
+                  "x (floor + launches)", "GB/s", "reference ms", "plan ms (CPU)", "max err", "reference err"])
     for case in ctx.sizes.attention:
         with guarded(sec, f"attention {case}"):
             attention_case(ctx, sec, rows, bw, *case)

@@ -134,10 +134,9 @@ def bootstrap_ttc(root: Path = ROOT) -> None:
 
     pyproject maps top-level folders into one package (ttc/ -> ttc, kernels/ -> ttc.kernels, search/ ->
     ttc.search, ...). A bare package module whose __path__ is [root/ttc, root] resolves each to the same
-    folder, installed or not; ttc/__init__.py (which imports math_verify through the search layer) never runs.
+    folder, installed or not; ttc/__init__.py (which imports the whole search layer) never runs.
     """
-    here = Path(__file__).resolve().parent  # benchmarks/ holds search.py, serve.py...: keep them off sys.path
-    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != here]
+    _benchmarks_off_path()
     spec = importlib.machinery.ModuleSpec("ttc", None, is_package=True)
     spec.submodule_search_locations = [str(root / "ttc"), str(root)]
     sys.modules["ttc"] = importlib.util.module_from_spec(spec)
@@ -150,13 +149,18 @@ def import_ttc(root: Path = ROOT) -> None:
     """Import the checkout at `root` as the `ttc` package, ttc/__init__.py included: pyproject's folder mapping
     made by hand (its __path__ is [root/ttc, root]), for the `gpu` tests (`ttc.load`, `ttc.Ledger`) on a machine
     where ttc is a copy, not installed. Needs what `import ttc` needs (torch, numpy, tqdm), not math-verify."""
-    here = Path(__file__).resolve().parent  # as in bootstrap_ttc: benchmarks/search.py must not shadow anything
-    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != here]
+    _benchmarks_off_path()
     spec = importlib.util.spec_from_file_location("ttc", root / "ttc" / "__init__.py",
                                                   submodule_search_locations=[str(root / "ttc"), str(root)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["ttc"] = module
     spec.loader.exec_module(module)
+
+
+def _benchmarks_off_path() -> None:
+    """benchmarks/ holds search.py, serve.py...: off sys.path, so no top-level import finds them instead."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != here]
 
 
 def word_level_tokenizer(vocab_size: int):

@@ -4,10 +4,10 @@
 
 Why: a code grader runs programs in the sandbox with a CPU-time limit and a wall-clock backstop at 3x it, and
 a run that solves many problems at once loads the machine while it grades; a grade the load flipped (a slowdown
-past 3x, a timeout that would not happen on a quiet machine) should be found, not silently averaged in. This rebuilds each run's dataset
-from its run.json (the same loader and grader), grades every record's answer and graded candidates again
-on an otherwise quiet machine, and prints for each run: accuracy, coverage (pass@n) and pass@k as
-recorded and as regraded, and every record whose grade changed. Nothing in the run folder is rewritten.
+past 3x, a timeout that would not happen on a quiet machine) should be found, not silently averaged in. This
+rebuilds each run's dataset from its run.json (the same loader and grader), grades every record's answer and
+graded candidates again on an otherwise quiet machine, and prints for each run: accuracy, coverage (pass@n) and
+pass@k as recorded and as regraded, and every record whose grade changed. Nothing in the run folder is rewritten.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
 import re
 import shutil
@@ -304,8 +303,8 @@ class ProbeVerifier:
         labelled by `grade_fn(problem, text)`. With `path`, each problem's rows are also kept in `path`.rows/ as
         it finishes, so an interrupted fit run again with the same arguments samples only the problems left
         (each problem's samples depend on its id and `seed` only); the folder goes once the probe is saved.
-        With per_step, solutions are sampled step by step and every partial solution is a training row labelled with its solution's final grade (a value
-        probe for step-wise search). `held_out` of the problems are kept out of training to report
+        With per_step, solutions are sampled step by step and every partial solution is a training row labelled
+        with its solution's final grade (a value probe for step-wise search). `held_out` of the problems are kept out of training to report
         AUC/accuracy; the L2 strength is chosen on a validation split of the rest.
         `feature_spec`: question, template, chat, use_mean (see the class).
         """

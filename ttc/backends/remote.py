@@ -117,7 +117,6 @@ class RemoteBackend:
         # per thread: the notes of the work it did since its last record (an eval solves one problem per worker
         # thread at a time, and parses every answer in that thread), starting from what the handshake learned
         self._record = threading.local()
-        self._baseline = (SERVER_USAGE, SERVER_IDS)
         self.client = HttpClient(self.base_url, api_key, max_concurrency, timeout_s, retries, transport=transport)
         self._handshake()
         self._baseline = (self.ledger_note, self.token_note)
